@@ -1,0 +1,105 @@
+"""What every handler of ours shares: the supervisor, the prefix, auth and the cross-site rule."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from jupyter_server.base.handlers import JupyterHandler
+from tornado import web
+
+from . import pages
+from .headers import upstream_headers
+from .security import cross_site_reason
+
+if TYPE_CHECKING:
+    from .supervisor import BackendError, BackendRun, Supervisor
+
+SETTINGS_KEY = "libertem_proxy"
+PROXY_PATH = "libertem/"
+
+
+class ProxyHandlerBase(JupyterHandler):
+    """Base for the proxy handlers; thin on purpose: state lives in the supervisor."""
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.settings[SETTINGS_KEY].supervisor
+
+    @property
+    def proxy_settings(self) -> Any:
+        return self.settings[SETTINGS_KEY]
+
+    @property
+    def prefix(self) -> str:
+        """``{base_url}libertem/`` as the browser sees it."""
+        return self.base_url + PROXY_PATH
+
+    @property
+    def _track_activity(self) -> bool:  # type: ignore[override]
+        """Proxied requests count as activity for Jupyter's idle culler, except excluded paths."""
+        rest = self.upstream_path()[1:]
+        return not any(p.search(rest) for p in self.proxy_settings.activity_exclude)
+
+    def upstream_path(self) -> str:
+        """The raw (still percent-encoded) path below our prefix, starting with ``/``.
+
+        Built from ``request.path`` rather than the decoded route argument so that encoded
+        characters (the GUI has an asset with a space) reach the backend exactly as sent.
+        """
+        path = self.request.path
+        rest = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
+        return "/" + rest
+
+    def check_xsrf_cookie(self) -> None:
+        """Replace Jupyter's ``_xsrf`` check by the Origin/Referer rule (see security.py)."""
+        if not hasattr(self, "_jupyter_current_user"):
+            return  # called by tornado before prepare(); prepare() calls us again
+        if self.token_authenticated or self.settings.get("disable_check_xsrf", False):
+            return
+        reason = cross_site_reason(
+            self.request.method or "",
+            self.request.headers,
+            self.request.headers.get("Host"),
+            self.allow_origin,
+            self.allow_origin_pat,
+        )
+        if reason is not None:
+            self.log.warning("%s (path %s)", reason, self.request.path)
+            raise web.HTTPError(403, reason)
+
+    def jupyter_cookie_names(self) -> set[str]:
+        names = {"_xsrf"}
+        try:
+            names.add(self.identity_provider.get_cookie_name(self))
+        except Exception:  # an identity provider without cookies
+            pass
+        return names
+
+    def build_upstream_headers(self, run: BackendRun, drop: frozenset[str] = frozenset()):
+        return upstream_headers(
+            self.request.headers,
+            token=run.token,
+            prefix=self.prefix,
+            proto=self.request.protocol,
+            host=self.request.host,
+            remote_ip=self.request.remote_ip,
+            jupyter_cookie_names=self.jupyter_cookie_names(),
+            drop=drop,
+        )
+
+    def wants_html(self) -> bool:
+        """A browser navigation (rather than an API call or a script)."""
+        accept = self.request.headers.get("Accept", "")
+        return self.request.method in ("GET", "HEAD") and "text/html" in accept
+
+    def send_backend_error(self, error: BackendError) -> None:
+        """Explain a backend failure: a page for people, JSON for programs. Never a traceback."""
+        status = pages.status_for(error)
+        self.clear()
+        self.set_status(status)
+        if self.wants_html():
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.finish(pages.render_error(self, error))
+        else:
+            self.set_header("Content-Type", "application/json")
+            self.finish(pages.error_json(error))

@@ -1,0 +1,215 @@
+"""The Jupyter server extension: options, handler registration, and the stop hook.
+
+An ``ExtensionApp`` rather than a plain load function, because Jupyter awaits
+``stop_extension()`` on shutdown (Ctrl-C, SIGTERM, File > Shut Down); a load function has no
+stop hook and its children outlive the server.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.utils import url_path_join
+from tornado.routing import PathMatches, Rule
+from traitlets import Dict, Float, Int, List, Unicode, default
+
+from ._version import __version__
+from .api import LogHandler, StartHandler, StatusHandler, StopHandler, RestartHandler
+from .base import PROXY_PATH, SETTINGS_KEY
+from .http_proxy import AddSlashHandler, HttpProxyHandler
+from .supervisor import Supervisor, SupervisorConfig
+from .ws_proxy import WebSocketProxyHandler
+
+API_PATH = "libertem-proxy/api"
+
+
+class _WebSocketUpgrade(PathMatches):
+    """Matches the proxy path only for websocket upgrade requests.
+
+    The GUI uses one URL space for pages, API calls and its websocket, so the same path must go
+    to the websocket bridge or to the HTTP proxy depending on the ``Upgrade`` header.
+    """
+
+    def match(self, request):  # type: ignore[no-untyped-def]
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return None
+        return super().match(request)
+
+
+@dataclass
+class ProxySettings:
+    """What the handlers read from ``settings["libertem_proxy"]``."""
+
+    supervisor: Supervisor
+    websocket_max_message_size: int
+    max_body_size: int
+    connect_timeout: float
+    read_timeout: float
+    activity_exclude: list[re.Pattern[str]]
+
+
+class LiberTEMProxy(ExtensionApp):
+    """Serves the LiberTEM GUI at ``{base_url}libertem/``; configure as ``c.LiberTEMProxy.<option>``."""
+
+    name = "libertem_jupyter_proxy"
+    version = __version__
+    description = __doc__
+    load_other_extensions = True
+
+    command = List(
+        Unicode(),
+        default_value=[],
+        help="""Full command that starts libertem-server, e.g. ["/opt/lt/bin/libertem-server"] or
+        ["/usr/bin/env", "bash", "/opt/site/libertem-wrapper.sh"]. The proxy appends
+        --no-browser, --host, --port, --token-path and --local-directory. Takes precedence over
+        libertem_server_path and the JSON file.""",
+    ).tag(config=True)
+
+    libertem_server_path = Unicode(
+        "",
+        help="""Path to libertem-server or to a wrapper script that ends with
+        `exec libertem-server "$@"`. If empty, the JSON file
+        <$LIBERTEM_ROOT or sys.prefix>/etc/libertem_jupyter_proxy.json (key
+        "libertem_server_path") is read, then libertem-server is looked up on PATH.""",
+    ).tag(config=True)
+
+    extra_args = List(
+        Unicode(),
+        default_value=[],
+        help="""Extra command-line arguments for libertem-server, e.g. ["--cpus=4"] or
+        ["--snooze-timeout=30"]. Host, port, token path and browser cannot be overridden.""",
+    ).tag(config=True)
+
+    extra_env = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        help="Extra environment variables for libertem-server (added to Jupyter's environment).",
+    ).tag(config=True)
+
+    cwd = Unicode(
+        "",
+        help="Working directory of libertem-server; default: Jupyter's root directory.",
+    ).tag(config=True)
+
+    local_directory = Unicode(
+        "",
+        help="""Scratch directory for LiberTEM's dask workers (libertem-server -d). Default: a
+        fresh directory inside the run's private temporary directory, removed on stop, instead of
+        dask-worker-space/ in the notebook directory.""",
+    ).tag(config=True)
+
+    start_timeout = Float(
+        90.0, help="Seconds to wait for libertem-server to answer after starting it."
+    ).tag(config=True)
+
+    stop_timeout = Float(
+        10.0,
+        help="""Seconds to wait for a graceful stop (SIGINT) before SIGTERM and then SIGKILL are
+        sent to libertem-server's whole process group.""",
+    ).tag(config=True)
+
+    max_crashes = Int(
+        3,
+        help="""After this many crashes (non-zero exits) within crash_window seconds, LiberTEM is
+        not restarted automatically; users see an error page with the last log lines and a
+        Retry button.""",
+    ).tag(config=True)
+
+    crash_window = Float(120.0, help="Window (seconds) in which crashes are counted.").tag(
+        config=True
+    )
+
+    restart_backoff = Float(
+        1.0,
+        help="""Delay before restarting after a crash, doubled with each further recent crash.""",
+    ).tag(config=True)
+
+    websocket_max_message_size = Int(
+        128 * 1024 * 1024,
+        help="Largest websocket message relayed, in bytes, in either direction.",
+    ).tag(config=True)
+
+    max_body_size = Int(
+        100 * 1024**3,
+        help="Largest request body (upload) accepted, in bytes. Bodies are streamed, not held.",
+    ).tag(config=True)
+
+    connect_timeout = Float(
+        10.0, help="Seconds to wait for a TCP connection to libertem-server."
+    ).tag(config=True)
+
+    read_timeout = Float(
+        0.0,
+        help="""Seconds libertem-server may stay silent while answering a request before the
+        request fails; 0 means no limit (long-running jobs). There is no total timeout.""",
+    ).tag(config=True)
+
+    activity_exclude = List(
+        Unicode(),
+        default_value=[],
+        help="""Regular expressions of paths below libertem/ (e.g. "^api/config/$") whose requests
+        do not count as user activity for Jupyter's idle culler (polling).""",
+    ).tag(config=True)
+
+    @default("cwd")
+    def _default_cwd(self) -> str:
+        return ""
+
+    def _supervisor_config(self) -> SupervisorConfig:
+        root = getattr(self.serverapp, "root_dir", None) if self.serverapp else None
+        return SupervisorConfig(
+            command=list(self.command),
+            libertem_server_path=self.libertem_server_path,
+            extra_args=list(self.extra_args),
+            extra_env=dict(self.extra_env),
+            cwd=self.cwd or root or None,
+            local_directory=self.local_directory,
+            start_timeout=self.start_timeout,
+            stop_timeout=self.stop_timeout,
+            max_crashes=self.max_crashes,
+            crash_window=self.crash_window,
+            backoff_base=self.restart_backoff,
+        )
+
+    def initialize_settings(self) -> None:
+        self.supervisor = Supervisor(self._supervisor_config(), log=self.log)
+        self.settings[SETTINGS_KEY] = ProxySettings(
+            supervisor=self.supervisor,
+            websocket_max_message_size=self.websocket_max_message_size,
+            max_body_size=self.max_body_size,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            activity_exclude=[re.compile(p) for p in self.activity_exclude],
+        )
+
+    def initialize_handlers(self) -> None:
+        assert self.serverapp is not None
+        base_url = self.serverapp.web_app.settings["base_url"]
+        proxied = url_path_join(base_url, PROXY_PATH) + "(.*)"
+        # The websocket rule must come first; both are added in one call so they stay ordered.
+        self.serverapp.web_app.add_handlers(
+            ".*$",
+            [
+                Rule(_WebSocketUpgrade(proxied), WebSocketProxyHandler),
+                (proxied, HttpProxyHandler),
+            ],
+        )
+        self.handlers.extend(
+            [
+                (PROXY_PATH.rstrip("/"), AddSlashHandler),
+                (f"{API_PATH}/status", StatusHandler),
+                (f"{API_PATH}/log", LogHandler),
+                (f"{API_PATH}/start", StartHandler),
+                (f"{API_PATH}/restart", RestartHandler),
+                (f"{API_PATH}/stop", StopHandler),
+            ]
+        )
+
+    async def stop_extension(self) -> None:
+        """Jupyter is stopping: stop libertem-server and everything it started."""
+        supervisor = getattr(self, "supervisor", None)
+        if supervisor is not None:
+            self.log.info("Stopping LiberTEM before Jupyter exits")
+            await supervisor.stop()

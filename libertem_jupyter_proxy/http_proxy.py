@@ -1,0 +1,262 @@
+"""The HTTP reverse proxy: every method, bodies streamed both ways, fixed upstream address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from tornado import httputil, web
+from tornado.iostream import StreamClosedError
+from yarl import URL
+
+from .base import ProxyHandlerBase
+from .headers import response_headers, strip_token_query
+from .supervisor import BackendError, BackendRun
+
+# Jupyter's security headers set by JupyterHandler.set_default_headers: a backend header of the
+# same name is added next to them instead of replacing them (both then apply).
+_KEEP_JUPYTER = frozenset({"content-security-policy", "x-content-type-options"})
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class BodyPipe:
+    """A bounded hand-over of request body chunks from tornado to aiohttp.
+
+    ``write`` waits while the queue is full, and tornado waits for ``data_received``, so a slow
+    backend slows the browser's upload instead of filling Jupyter's memory. If the upstream side
+    gives up (backend died), writes return at once and the rest of the body is discarded.
+    """
+
+    _EOF = object()
+
+    def __init__(self, max_chunks: int = 8) -> None:
+        self._queue: asyncio.Queue[object] = asyncio.Queue(max_chunks)
+        self._reader_gone = asyncio.Event()
+
+    async def write(self, chunk: bytes) -> None:
+        if self._reader_gone.is_set():
+            return
+        if not self._queue.full():
+            self._queue.put_nowait(chunk)
+            return
+        put = asyncio.ensure_future(self._queue.put(chunk))
+        gone = asyncio.ensure_future(self._reader_gone.wait())
+        await asyncio.wait({put, gone}, return_when=asyncio.FIRST_COMPLETED)
+        put.cancel()
+        gone.cancel()
+
+    def _force(self, item: object) -> None:
+        while self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        """The whole body was received."""
+        if not self._reader_gone.is_set():
+            self._force(self._EOF)
+
+    def abort(self, exc: BaseException) -> None:
+        """The browser went away mid-upload: make the upstream request fail, not complete."""
+        if not self._reader_gone.is_set():
+            self._force(exc)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is self._EOF:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            self._reader_gone.set()
+
+
+class ClientGone(Exception):
+    """The browser closed its connection before the request body was complete."""
+
+
+@web.stream_request_body
+class HttpProxyHandler(ProxyHandlerBase):
+    """Forwards ``{base_url}libertem/<path>`` to ``http://127.0.0.1:<port>/<path>``."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def initialize(self) -> None:
+        self._pipe: BodyPipe | None = None
+        self._upstream: asyncio.Future[aiohttp.ClientResponse] | None = None
+        self._run: BackendRun | None = None
+        self._client_gone = False
+
+    def compute_etag(self) -> str | None:
+        return None  # the backend's ETag (if any) passes through unchanged
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()  # Jupyter auth, and our cross-site rule via check_xsrf_cookie
+        if self._finished:
+            return
+        if self.current_user is None:  # also when allow_unauthenticated_access is set
+            web.authenticated(lambda _self: None)(self)  # login redirect (GET) or 403
+            return
+        self.request.connection.set_max_body_size(self.proxy_settings.max_body_size)
+        self.supervisor.touch()
+        try:
+            self._run = await self.supervisor.ensure_running()
+        except BackendError as e:
+            self.send_backend_error(e)
+            return
+        if self._has_body():
+            self._pipe = BodyPipe()
+        self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
+
+    def _has_body(self) -> bool:
+        h = self.request.headers
+        return self.request.method not in _NO_BODY_METHODS or (
+            "Content-Length" in h and h["Content-Length"] != "0"
+        ) or "Transfer-Encoding" in h
+
+    async def _send(self, run: BackendRun, pipe: BodyPipe | None) -> aiohttp.ClientResponse:
+        """Send the request upstream; returns once the backend's status and headers are in."""
+        assert run.session is not None
+        query = strip_token_query(self.request.query)
+        url = URL.build(
+            scheme="http",
+            host="127.0.0.1",
+            port=run.port,
+            path=self.upstream_path(),
+            query_string=query,
+            encoded=True,
+        )
+        return await run.session.request(
+            self.request.method or "GET",
+            url,
+            headers=self.build_upstream_headers(run),
+            data=pipe.chunks() if pipe is not None else None,
+            allow_redirects=False,
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.proxy_settings.connect_timeout,
+                sock_read=self.proxy_settings.read_timeout or None,
+            ),
+        )
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._pipe is not None:
+            await self._pipe.write(chunk)
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        if self._pipe is not None:
+            self._pipe.abort(ClientGone())
+        elif self._upstream is not None and not self._upstream.done():
+            self._upstream.cancel()
+        super().on_connection_close()
+
+    async def _proxy(self) -> None:
+        if self._upstream is None:
+            return
+        if self._pipe is not None:
+            self._pipe.close()
+        try:
+            resp = await self._upstream
+        except asyncio.CancelledError:
+            if self._client_gone:
+                return
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            if self._client_gone:
+                return
+            self._send_unreachable(e)
+            return
+        try:
+            await self._relay(resp)
+        finally:
+            # a fully read body keeps the pooled connection; anything else closes it, which is
+            # how an aborted download is cancelled upstream
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
+
+    def _send_unreachable(self, e: BaseException) -> None:
+        self.log.warning("LiberTEM proxy: backend request failed: %r", e)
+        error = BackendError(
+            "exited" if self.supervisor.run is None or self.supervisor.run.exited.is_set()
+            else "unreachable",
+            f"LiberTEM did not answer this request ({type(e).__name__}: {e}).",
+            exit_code=self.supervisor.last_exit_code,
+            hint="Reload the page; LiberTEM is started again if it stopped.",
+        )
+        self.send_backend_error(error)
+
+    async def _relay(self, resp: aiohttp.ClientResponse) -> None:
+        reason = resp.reason or httputil.responses.get(resp.status, "Unknown")
+        self.set_status(resp.status, reason)
+        self.clear_header("Content-Type")
+        assert self._run is not None
+        seen: set[str] = set()
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+        for name, value in response_headers(raw, self._run.port, self.prefix):
+            lname = name.lower()
+            if lname in seen or lname in _KEEP_JUPYTER:
+                self.add_header(name, value)
+            else:
+                self.set_header(name, value)
+                seen.add(lname)
+        try:
+            if self.request.method != "HEAD":
+                async for chunk in resp.content.iter_any():
+                    self.write(chunk)
+                    await self.flush()
+            self.finish()
+        except StreamClosedError:
+            return  # the browser went away; leaving the context closes the upstream connection
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as e:
+            # the backend died mid-body: the browser must see a broken response, not a short one
+            self.log.warning("LiberTEM proxy: backend response broke off: %r", e)
+            with contextlib.suppress(Exception):
+                self.request.connection.stream.close()  # type: ignore[attr-defined]
+
+    @web.authenticated
+    async def get(self, path: str = "") -> None:
+        await self._proxy()
+
+    @web.authenticated
+    async def head(self, path: str = "") -> None:
+        await self._proxy()
+
+    @web.authenticated
+    async def post(self, path: str = "") -> None:
+        await self._proxy()
+
+    @web.authenticated
+    async def put(self, path: str = "") -> None:
+        await self._proxy()
+
+    @web.authenticated
+    async def patch(self, path: str = "") -> None:
+        await self._proxy()
+
+    @web.authenticated
+    async def delete(self, path: str = "") -> None:
+        await self._proxy()
+
+    @web.authenticated
+    async def options(self, path: str = "") -> None:  # type: ignore[override]
+        await self._proxy()
+
+
+class AddSlashHandler(ProxyHandlerBase):
+    """``{base_url}libertem`` -> ``{base_url}libertem/`` keeping the query: the GUI resolves its
+    assets and API relative to the page, so the page must end with a slash."""
+
+    @web.authenticated
+    def get(self) -> None:
+        query = self.request.query
+        self.redirect(self.prefix + (f"?{query}" if query else ""))
+
+    head = get

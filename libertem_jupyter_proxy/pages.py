@@ -1,0 +1,57 @@
+"""Error pages and their JSON twins.
+
+Everything that can carry text from elsewhere (log lines, paths, exit messages) is rendered
+through a Jinja environment with autoescaping on, so nothing from a log or a request can turn
+into markup (the CVE-2024-35225 class of bug in jupyter-server-proxy).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import TYPE_CHECKING
+
+import jinja2
+import markupsafe
+
+from .supervisor import BackendError
+
+if TYPE_CHECKING:
+    from jupyter_server.base.handlers import JupyterHandler
+
+_TITLES = {
+    "not-found": "LiberTEM could not be started",
+    "exited": "LiberTEM stopped while starting",
+    "timeout": "LiberTEM did not start in time",
+    "crash-loop": "LiberTEM keeps crashing",
+    "stopping": "LiberTEM is stopping",
+}
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("libertem_jupyter_proxy", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def status_for(error: BackendError) -> int:
+    """HTTP status for a backend failure: 504 for a timeout, 503 while stopping, else 502."""
+    return {"timeout": 504, "stopping": 503}.get(error.kind, 502)
+
+
+def error_json(error: BackendError) -> str:
+    return json.dumps(error.to_dict())
+
+
+def render_error(handler: JupyterHandler, error: BackendError) -> str:
+    """The page a scientist sees when LiberTEM is not available, with a Retry button."""
+    return _environment().get_template("error.html").render(
+        title=_TITLES.get(error.kind, "LiberTEM is not available"),
+        error=error,
+        retry_action=handler.base_url + "libertem-proxy/api/start",
+        next_url=handler.base_url + "libertem/",
+        xsrf_form_html=markupsafe.Markup(handler.xsrf_form_html()),
+    )

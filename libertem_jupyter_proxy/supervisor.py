@@ -1,0 +1,544 @@
+"""The backend's lifecycle as one explicit state machine.
+
+::
+
+    STOPPED --ensure_running--> STARTING --ready--> RUNNING --exit 0--> STOPPED
+                                   |                   |--exit != 0--> FAILED (crash, counted)
+                                   |--error----------> FAILED
+    RUNNING/STARTING --stop()--> STOPPING --> STOPPED
+    FAILED --ensure_running--> STARTING (after backoff), or the crash-loop error
+
+One :class:`Supervisor` lives per Jupyter server. Every start gets a new process object, a new
+free port, a new token in a new 0700 directory and a new pooled HTTP client; everything of a run
+is in one :class:`BackendRun` and is cleaned up when that run ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from . import process
+from .command import CommandError, ResolvedCommand, resolve_command
+
+LOG_PREFIX = "[LiberTEM]"
+
+# Variables of the Jupyter/JupyterHub process that libertem-server has no business seeing.
+_SECRET_ENV = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "JUPYTER_TOKEN", "JUPYTERHUB_OAUTH_SECRET")
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+_ALLOWED = {
+    State.STOPPED: {State.STARTING},
+    State.STARTING: {State.RUNNING, State.FAILED, State.STOPPING, State.STOPPED},
+    State.RUNNING: {State.STOPPED, State.FAILED, State.STOPPING},
+    State.STOPPING: {State.STOPPED},
+    State.FAILED: {State.STARTING},
+}
+
+
+class BackendError(Exception):
+    """libertem-server is not available; carries everything an error page needs to explain why.
+
+    ``kind`` is one of ``not-found`` (command/config problem), ``exited`` (exited while starting),
+    ``timeout`` (never became ready), ``crash-loop`` (too many crashes) or ``stopping``.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        log_lines: Sequence[str] = (),
+        hint: str = "",
+        tried: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.exit_code = exit_code
+        self.log_lines = list(log_lines)
+        self.hint = hint
+        self.tried = list(tried)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": self.kind,
+            "message": self.message,
+            "exit_code": self.exit_code,
+            "hint": self.hint,
+            "tried": self.tried,
+            "log": self.log_lines,
+        }
+
+
+@dataclass
+class SupervisorConfig:
+    """Plain values taken from the ``LiberTEMProxy`` traitlets (see extension.py for the help)."""
+
+    command: Sequence[str] = ()
+    libertem_server_path: str = ""
+    extra_args: Sequence[str] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    local_directory: str = ""
+    start_timeout: float = 90.0
+    stop_timeout: float = 10.0
+    term_timeout: float = 3.0
+    max_crashes: int = 3
+    crash_window: float = 120.0
+    backoff_base: float = 1.0
+    ready_interval: float = 0.02
+    log_lines: int = 500
+
+
+def exit_description(code: int | None) -> str:
+    """Words for an exit code: negative codes are signals (asyncio's convention)."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+class BackendRun:
+    """Everything that belongs to one start of libertem-server."""
+
+    def __init__(self, generation: int, port: int, token: str, tmpdir: str) -> None:
+        self.generation = generation
+        self.port = port
+        self.token = token
+        self.tmpdir = tmpdir
+        self.proc: process.OneShotProcess | None = None
+        self.exit_code: int | None = None
+        self.exited = asyncio.Event()
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago; a lost race shows up as an early exit and is retried."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Supervisor:
+    """Starts libertem-server on demand, watches it, restarts it by policy and stops it."""
+
+    def __init__(self, config: SupervisorConfig, log: logging.Logger | None = None) -> None:
+        self.config = config
+        self.log = log or logging.getLogger("libertem_jupyter_proxy")
+        self.state = State.STOPPED
+        self.run: BackendRun | None = None
+        self.log_tail: deque[str] = deque(maxlen=config.log_lines)
+        self.starts = 0
+        self.crashes: deque[float] = deque()
+        self.crash_count = 0
+        self.last_exit_code: int | None = None
+        self.last_exit_time: float | None = None
+        self.last_error: BackendError | None = None
+        self.last_activity = time.monotonic()
+        self.websockets = 0
+        self._start_task: asyncio.Task[BackendRun] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._generation = 0
+        self._listeners: list[Callable[[State], None]] = []
+
+    # ------------------------------------------------------------------ state
+
+    def _set_state(self, new: State) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"invalid backend transition {self.state.value} -> {new.value}")
+        self.log.debug("LiberTEM backend: %s -> %s", self.state.value, new.value)
+        self.state = new
+        for listener in list(self._listeners):
+            listener(new)
+
+    def add_listener(self, fn: Callable[[State], None]) -> None:
+        self._listeners.append(fn)
+
+    def touch(self) -> None:
+        """Record activity (for idle shutdown and status)."""
+        self.last_activity = time.monotonic()
+
+    def websocket_opened(self) -> None:
+        self.websockets += 1
+        self.touch()
+
+    def websocket_closed(self) -> None:
+        self.websockets -= 1
+        self.touch()
+
+    # ------------------------------------------------------------------ public API
+
+    async def ensure_running(self) -> BackendRun:
+        """Return a ready backend, starting one if needed. Concurrent callers share one start."""
+        self.touch()
+        if self.state is State.RUNNING and self.run is not None and not self.run.exited.is_set():
+            return self.run
+        if self.state is State.STOPPING and self._stop_task is not None:
+            await asyncio.shield(self._stop_task)
+        if self._start_task is None or self._start_task.done():
+            self._check_crash_loop()
+            self._start_task = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._start_task)
+
+    def reset_failures(self) -> None:
+        """Forget past crashes (the user pressed Retry)."""
+        self.crashes.clear()
+        self.last_error = None
+
+    async def stop(self) -> None:
+        """Stop libertem-server: SIGINT (graceful), then SIGTERM, then SIGKILL to its group."""
+        if self._stop_task is None or self._stop_task.done():
+            self._stop_task = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    def status(self) -> dict[str, object]:
+        """A JSON-able snapshot for the status API. Never contains the token."""
+        run = self.run
+        now = time.monotonic()
+        return {
+            "state": self.state.value,
+            "pid": run.pid if run and not run.exited.is_set() else None,
+            "uptime": (now - run.ready_at) if run and run.ready_at and self.state is State.RUNNING
+            else None,
+            "starts": self.starts,
+            "crashes": self.crash_count,
+            "last_exit_code": self.last_exit_code,
+            "last_exit_time": self.last_exit_time,
+            "last_error": self.last_error.to_dict() if self.last_error else None,
+            "seconds_since_activity": now - self.last_activity,
+            "websockets": self.websockets,
+        }
+
+    # ------------------------------------------------------------------ crash policy
+
+    def _recent_crashes(self) -> int:
+        cutoff = time.monotonic() - self.config.crash_window
+        while self.crashes and self.crashes[0] < cutoff:
+            self.crashes.popleft()
+        return len(self.crashes)
+
+    def _check_crash_loop(self) -> None:
+        n = self._recent_crashes()
+        if n >= self.config.max_crashes:
+            last = self.last_error
+            raise BackendError(
+                "crash-loop",
+                f"LiberTEM crashed {n} times in the last {self.config.crash_window:.0f} seconds, "
+                "so it is not started again automatically.",
+                exit_code=self.last_exit_code,
+                log_lines=last.log_lines if last else self._tail(50),
+                hint="Read the log lines below for the cause, fix it, then press Retry.",
+            )
+
+    def _backoff(self) -> float:
+        """Seconds to wait before the next start: doubles with each recent crash."""
+        n = self._recent_crashes()
+        if n == 0 or not self.crashes:
+            return 0.0
+        delay = self.config.backoff_base * 2 ** (n - 1)
+        return max(0.0, self.crashes[-1] + delay - time.monotonic())
+
+    def _tail(self, n: int) -> list[str]:
+        return list(self.log_tail)[-n:]
+
+    # ------------------------------------------------------------------ starting
+
+    async def _start(self) -> BackendRun:
+        delay = self._backoff()
+        if delay > 0:
+            self.log.info("LiberTEM crashed recently; waiting %.1f s before the next start", delay)
+            await asyncio.sleep(delay)
+        self._set_state(State.STARTING)
+        try:
+            for attempt in range(3):
+                run = await self._start_once()
+                try:
+                    await self._wait_ready(run)
+                except _PortTaken:
+                    self.log.warning("Port %d was taken before LiberTEM bound it; retrying", run.port)
+                    await self._cleanup_run(run)
+                    if attempt == 2:
+                        raise BackendError(
+                            "exited",
+                            "LiberTEM could not bind a free port three times in a row.",
+                            log_lines=self._tail(50),
+                        ) from None
+                    continue
+                self.last_error = None
+                run.ready_at = time.monotonic()
+                self._set_state(State.RUNNING)
+                self.log.info(
+                    "LiberTEM is ready on 127.0.0.1:%d (pid %s) after %.2f s",
+                    run.port, run.pid, run.ready_at - run.started_at,
+                )
+                return run
+            raise AssertionError("unreachable")
+        except BackendError as e:
+            self.last_error = e
+            if self.state is State.STARTING:
+                self._set_state(State.FAILED)
+            raise
+        except asyncio.CancelledError:  # stop() during a start
+            if self.run is not None:
+                await self._kill_run(self.run)
+            if self.state is State.STARTING:
+                self._set_state(State.STOPPED)
+            raise
+
+    def _resolve(self) -> ResolvedCommand:
+        try:
+            return resolve_command(self.config.command, self.config.libertem_server_path)
+        except CommandError as e:
+            raise BackendError(
+                "not-found", e.message, hint=e.hint, tried=e.tried
+            ) from None
+
+    def _environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update({str(k): str(v) for k, v in self.config.extra_env.items()})
+        return env
+
+    async def _start_once(self) -> BackendRun:
+        resolved = self._resolve()
+        try:
+            tmpdir = tempfile.mkdtemp(prefix="libertem-proxy-")  # mode 0700
+            token = secrets.token_urlsafe(32)
+            token_path = os.path.join(tmpdir, "token")
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            local_dir = self.config.local_directory or os.path.join(tmpdir, "dask-worker-space")
+        except OSError as e:
+            raise BackendError(
+                "not-found",
+                f"Could not create the token directory for LiberTEM in {tempfile.gettempdir()}: "
+                f"{e.strerror or e}.",
+                hint="Check that the temporary directory exists, is writable and not full "
+                "(TMPDIR selects another one).",
+            ) from None
+        self._generation += 1
+        port = _free_port()
+        run = BackendRun(self._generation, port, token, tmpdir)
+        argv = [
+            *resolved.argv,
+            *self.config.extra_args,
+            "--no-browser",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--token-path={token_path}",
+            f"--local-directory={local_dir}",
+        ]
+        self.log.info("Starting LiberTEM (%s): %s", resolved.source, " ".join(argv))
+        self.run = run
+        self.starts += 1
+        try:
+            run.proc = await process.spawn(
+                argv, self._environment(), self.config.cwd or None,
+                on_exit=lambda code, run=run: self._on_exit(run, code),
+            )
+        except OSError as e:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise BackendError(
+                "not-found",
+                f"Could not start {argv[0]}: {e.strerror or e}.",
+                hint=f"Check the program named by {resolved.source}.",
+                tried=resolved.tried,
+            ) from None
+        stdout = run.proc.proc._proc.stdout  # the asyncio.subprocess.Process inside simpervisor
+        run.reader = asyncio.ensure_future(self._read_log(stdout))
+        run.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+        return run
+
+    async def _read_log(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the limit: keep what we can
+                line = await stream.read(65536)
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            self.log_tail.append(text)
+            self.log.info("%s %s", LOG_PREFIX, text)
+
+    async def _wait_ready(self, run: BackendRun) -> None:
+        """Poll ``GET /`` with the token while watching for an early exit."""
+        deadline = run.started_at + self.config.start_timeout
+        assert run.session is not None
+        headers = {"X-Api-Key": run.token}
+        while True:
+            if run.exited.is_set():
+                await self._drain_log(run)
+                tail = self._tail(50)
+                if run.exit_code == 1 and any("address already in use" in ln.lower() for ln in tail):
+                    raise _PortTaken()
+                await self._cleanup_run(run)
+                raise BackendError(
+                    "exited",
+                    f"LiberTEM {exit_description(run.exit_code)} while starting.",
+                    exit_code=run.exit_code,
+                    log_lines=tail,
+                    hint="The last lines it wrote are below; they usually name the problem.",
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._kill_run(run)
+                raise BackendError(
+                    "timeout",
+                    f"LiberTEM did not answer within {self.config.start_timeout:g} seconds.",
+                    log_lines=self._tail(50),
+                    hint="If your LiberTEM needs longer (slow file systems, big environments), "
+                    "raise c.LiberTEMProxy.start_timeout.",
+                )
+            try:
+                timeout = aiohttp.ClientTimeout(total=min(2.0, remaining))
+                async with run.session.get(
+                    f"{run.base_url}/", headers=headers, timeout=timeout
+                ) as resp:
+                    await resp.read()
+                    if resp.status < 500:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            # wake up early if the process exits
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(run.exited.wait(), self.config.ready_interval)
+
+    async def _drain_log(self, run: BackendRun) -> None:
+        if run.reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(run.reader), 2.0)
+
+    # ------------------------------------------------------------------ exit and stop
+
+    def _on_exit(self, run: BackendRun, code: int) -> None:
+        """Called by the process watcher when the main process exits, whatever the reason."""
+        run.exit_code = code
+        run.exited.set()
+        self.last_exit_code = code
+        self.last_exit_time = time.time()
+        level = logging.INFO if code == 0 or run.stopping else logging.WARNING
+        self.log.log(level, "LiberTEM (pid %s) %s", run.pid, exit_description(code))
+        if run is not self.run:
+            return
+        if not run.stopping and code != 0:
+            self.crashes.append(time.monotonic())
+            self.crash_count += 1
+        if self.state is State.RUNNING:
+            if code == 0:
+                self._set_state(State.STOPPED)
+            else:
+                self.last_error = BackendError(
+                    "exited",
+                    f"LiberTEM {exit_description(code)}.",
+                    exit_code=code,
+                    log_lines=self._tail(50),
+                )
+                self._set_state(State.FAILED)
+            # workers left behind, the token dir and the HTTP client go with the run
+            asyncio.ensure_future(self._cleanup_run(run))
+
+    async def _stop(self) -> None:
+        run = self.run
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BackendError):
+                await self._start_task
+        if run is None or self.state not in (State.RUNNING, State.STARTING):
+            if run is not None:
+                await self._cleanup_run(run)
+            return
+        self._set_state(State.STOPPING)
+        await self._kill_run(run)
+        self._set_state(State.STOPPED)
+
+    async def _kill_run(self, run: BackendRun) -> None:
+        """Graceful stop, then escalate; always ends with the group gone and the run cleaned."""
+        run.stopping = True
+        proc = run.proc
+        if proc is not None and not run.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                proc.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(run.exited.wait(), self.config.stop_timeout)
+        await self._cleanup_run(run)
+
+    async def _cleanup_run(self, run: BackendRun) -> None:
+        """Make sure nothing of ``run`` is left: processes of its group, token dir, HTTP client."""
+        pgid = run.pid
+        if pgid is not None:
+            for sig, wait in ((signal.SIGTERM, self.config.term_timeout), (signal.SIGKILL, 5.0)):
+                if not await self._group_gone(pgid, 0.0):
+                    self.log.info("Sending %s to LiberTEM's process group %d", sig.name, pgid)
+                    process.signal_group(pgid, sig)
+                    if await self._group_gone(pgid, wait):
+                        break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(run.exited.wait(), 5.0)
+        if run.reader is not None:
+            await self._drain_log(run)
+        if run.session is not None and not run.session.closed:
+            await run.session.close()
+        shutil.rmtree(run.tmpdir, ignore_errors=True)
+
+    async def _group_gone(self, pgid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not process.group_members(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+
+
+class _PortTaken(Exception):
+    """The chosen port was bound by someone else between choosing and binding."""
