@@ -170,6 +170,7 @@ class Client:
             body = b""
         kwargs.setdefault("request_timeout", 60)
         kwargs.setdefault("follow_redirects", False)
+        kwargs.setdefault("allow_nonstandard_methods", True)  # DELETE with a body
         return await self.http.fetch(
             self.url(path), method=method, body=body, headers=h, raise_error=False, **kwargs
         )

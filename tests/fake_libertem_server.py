@@ -426,6 +426,10 @@ class DownloadHandler(BaseHandler):
         except tornado.iostream.StreamClosedError:
             return
 
+    async def head(self) -> None:
+        # tornado sends no body for HEAD; the loop above only sets the headers here
+        await self.get()
+
 
 class SSEHandler(BaseHandler):
     async def get(self) -> None:
