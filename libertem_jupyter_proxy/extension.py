@@ -7,6 +7,7 @@ stop hook and its children outlive the server.
 
 from __future__ import annotations
 
+import atexit
 import re
 from dataclasses import dataclass
 
@@ -175,6 +176,7 @@ class LiberTEMProxy(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self.supervisor = Supervisor(self._supervisor_config(), log=self.log)
+        atexit.register(self.supervisor.kill_now)
         self.settings[SETTINGS_KEY] = ProxySettings(
             supervisor=self.supervisor,
             websocket_max_message_size=self.websocket_max_message_size,
@@ -213,3 +215,4 @@ class LiberTEMProxy(ExtensionApp):
         if supervisor is not None:
             self.log.info("Stopping LiberTEM before Jupyter exits")
             await supervisor.stop()
+            atexit.unregister(supervisor.kill_now)

@@ -232,6 +232,27 @@ class Supervisor:
             self._stop_task = asyncio.ensure_future(self._stop())
         await asyncio.shield(self._stop_task)
 
+    def kill_now(self) -> None:
+        """Synchronous last resort for interpreter exit (``atexit``).
+
+        Jupyter runs ``stop_extension`` on SIGTERM and on a confirmed Ctrl-C, but a SIGINT that
+        arrives without a terminal surfaces as KeyboardInterrupt and the process exits without
+        any cleanup. Then this kills the process group and removes the token directory.
+        """
+        run = self.run
+        if run is None:
+            return
+        pgid = run.pid
+        if pgid is not None:
+            for sig, wait in ((signal.SIGTERM, self.config.term_timeout), (signal.SIGKILL, 5.0)):
+                if not process.group_members(pgid):
+                    break
+                process.signal_group(pgid, sig)
+                deadline = time.monotonic() + wait
+                while process.group_members(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        shutil.rmtree(run.tmpdir, ignore_errors=True)
+
     def status(self) -> dict[str, object]:
         """A JSON-able snapshot for the status API. Never contains the token."""
         run = self.run

@@ -126,13 +126,15 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         upstream = self._upstream
         assert upstream is not None
         try:
-            async for msg in upstream:
+            while True:
+                # not `async for`: aiohttp's iterator swallows the CLOSE message and its code
+                msg = await upstream.receive()
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     await self.write_message(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
                     await self.write_message(msg.data, binary=True)
                 elif msg.type is aiohttp.WSMsgType.CLOSE:
-                    code = upstream.close_code
+                    code = msg.data  # aiohttp: the peer's close code and reason
                     await upstream.close()
                     if code in _SENDABLE:
                         self.close(code, msg.extra or None)

@@ -169,6 +169,7 @@ class FakeState:
     port: int = 0
     websockets: set[EventsHandler] = field(default_factory=set)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    last_ws_close: list[Any] | None = None
 
     def token_ok(self, request: tornado.httputil.HTTPServerRequest) -> bool:
         """Same rule as the real middleware: a non-empty ``?token=`` wins over ``X-Api-Key``."""
@@ -485,6 +486,7 @@ class PidHandler(BaseHandler):
                 "cwd": os.getcwd(),
                 "local_directory": self.state.local_directory,
                 "workers": [w.pid for w in self.state.workers],
+                "last_ws_close": self.state.last_ws_close,
                 "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)},
             }
         )
@@ -551,6 +553,8 @@ class EventsHandler(TokenMixin, tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.state.websockets.discard(self)
+        # what the last client said when closing, for tests of close-code relaying
+        self.state.last_ws_close = [self.close_code, self.close_reason]
 
 
 def make_app(state: FakeState) -> tornado.web.Application:

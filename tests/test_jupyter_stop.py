@@ -1,0 +1,177 @@
+"""Each way of stopping a real ``jupyter server`` process leaves no LiberTEM process behind.
+
+These run Jupyter as a subprocess (not in-process) because signals and process exit are the
+point of the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import FAKE_SERVER, OTHER_EXTENSIONS, TOKEN, process_alive
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class JupyterProcess:
+    def __init__(self, tmp_path: Path, extra_env: dict[str, str], tty: bool = False) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}/user/alice/"
+        for d in ("home", "config", "data", "runtime", "root", "tmp"):
+            (tmp_path / d).mkdir(exist_ok=True)
+        self.tmp = tmp_path / "tmp"
+        config = {
+            "ServerApp": {
+                "jpserver_extensions": {
+                    "libertem_jupyter_proxy": True,
+                    **{name: False for name in OTHER_EXTENSIONS},
+                },
+                "port": self.port,
+                "ip": "127.0.0.1",
+                "open_browser": False,
+                "base_url": "/user/alice/",
+                "root_dir": str(tmp_path / "root"),
+                "reraise_server_extension_failures": True,
+                "allow_root": True,
+            },
+            "IdentityProvider": {"token": TOKEN},
+            "LiberTEMProxy": {
+                "command": [sys.executable, str(FAKE_SERVER)],
+                "extra_env": extra_env,
+                "stop_timeout": 3.0,
+            },
+        }
+        (tmp_path / "config" / "jupyter_server_config.json").write_text(json.dumps(config))
+        env = dict(os.environ)
+        env.update(
+            HOME=str(tmp_path / "home"),
+            JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+            JUPYTER_DATA_DIR=str(tmp_path / "data"),
+            JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+            LIBERTEM_ROOT=str(tmp_path),
+            TMPDIR=str(self.tmp),
+        )
+        self.log = open(tmp_path / "jupyter.log", "wb")  # noqa: SIM115
+        self.log_path = tmp_path / "jupyter.log"
+        # with a terminal on stdin, Jupyter handles Ctrl-C itself (confirm, or twice to skip)
+        self._pty = pty.openpty() if tty else None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server"],
+            env=env,
+            stdin=self._pty[1] if self._pty else subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait(self._ready, 60, "jupyter server to answer")
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            self.get("api/status")
+        except (urllib.error.URLError, ConnectionError):
+            return False
+        return True
+
+    def request(self, path: str, method: str = "GET") -> bytes:
+        req = urllib.request.Request(
+            self.base + path, method=method, headers={"Authorization": f"token {TOKEN}"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.read()
+
+    def get(self, path: str) -> dict:
+        return json.loads(self.request(path))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        if self._pty:
+            for fd in self._pty:
+                os.close(fd)
+
+
+@pytest.fixture
+def jupyter(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[JupyterProcess]:
+    tty = "at a terminal" in request.node.name
+    j = JupyterProcess(tmp_path, {"LIBERTEM_FAKE_WORKERS": "2"}, tty=tty)
+    try:
+        yield j
+    finally:
+        j.close()
+
+
+def _backend(j: JupyterProcess) -> tuple[int, list[int], Path]:
+    info = j.get("libertem/_fake/pid")
+    token_arg = next(a for a in info["argv"] if a.startswith("--token-path="))
+    return info["pid"], info["workers"], Path(token_arg.split("=", 1)[1]).parent
+
+
+def _assert_all_gone(j: JupyterProcess, pid: int, workers: list[int], tmpdir: Path) -> None:
+    j.proc.wait(timeout=60)
+    _wait(lambda: not process_alive(pid), 10, "libertem-server to exit")
+    _wait(lambda: not any(process_alive(w) for w in workers), 10, "workers to exit")
+    assert not tmpdir.exists(), "token directory left behind"
+    assert list(j.tmp.iterdir()) == [], list(j.tmp.iterdir())
+
+
+@pytest.mark.parametrize(
+    "how", ["SIGTERM", "Ctrl-C twice at a terminal", "SIGINT without terminal", "File > Shut Down"]
+)
+def test_stopping_jupyter_stops_everything(jupyter, how):
+    pid, workers, tmpdir = _backend(jupyter)
+    assert process_alive(pid) and all(process_alive(w) for w in workers)
+    if how == "SIGTERM":
+        jupyter.proc.send_signal(signal.SIGTERM)
+    elif how == "Ctrl-C twice at a terminal":
+        jupyter.proc.send_signal(signal.SIGINT)
+        # the second ^C counts only after Jupyter has swapped in its stop handler and asks
+        _wait(lambda: "Shut down this Jupyter server" in jupyter.log_path.read_text()
+              or "Shutdown this" in jupyter.log_path.read_text(), 10, "the confirm prompt")
+        jupyter.proc.send_signal(signal.SIGINT)
+    elif how == "SIGINT without terminal":  # KeyboardInterrupt: only our atexit hook runs
+        jupyter.proc.send_signal(signal.SIGINT)
+    else:
+        jupyter.request("api/shutdown", method="POST")
+    _assert_all_gone(jupyter, pid, workers, tmpdir)
+    log = jupyter.log_path.read_text()
+    if how != "SIGINT without terminal":
+        assert "Stopping LiberTEM before Jupyter exits" in log
+    if how == "SIGTERM":
+        # Jupyter's own handler ran (simpervisor's would have exited without this line)
+        assert "received signal 15, stopping" in log
+
+
+def test_jupyter_sigkill_takes_libertem_down(jupyter):
+    """Parent-death signal: libertem-server gets SIGTERM when Jupyter dies without cleanup."""
+    pid, _workers, _tmpdir = _backend(jupyter)
+    jupyter.proc.send_signal(signal.SIGKILL)
+    jupyter.proc.wait(timeout=10)
+    _wait(lambda: not process_alive(pid), 10, "libertem-server to exit after Jupyter's SIGKILL")

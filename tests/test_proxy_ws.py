@@ -1,0 +1,138 @@
+"""The websocket bridge: auth, Origin, frames, close codes, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import WebSocketClosedError
+
+
+async def test_text_and_binary_echo(client):
+    ws = await client.websocket()
+    await ws.write_message("hello ü")
+    assert await ws.read_message() == "hello ü"
+    blob = bytes(range(256)) * 10
+    await ws.write_message(blob, binary=True)
+    msg = await ws.read_message()
+    assert isinstance(msg, bytes) and msg == blob
+    ws.close()
+
+
+@pytest.mark.proxy_config(extra_env={"LIBERTEM_FAKE_INITIAL_STATE": "1"})
+async def test_backend_message_on_open(client):
+    ws = await client.websocket()
+    msg = json.loads(await ws.read_message())
+    assert msg["messageType"] == "INITIAL_STATE"
+    ws.close()
+
+
+async def test_anonymous_handshake_is_403_and_starts_nothing(client, supervisor):
+    with pytest.raises(HTTPClientError) as e:
+        await client.websocket(auth="none")
+    assert e.value.code == 403
+    assert supervisor.starts == 0
+
+
+async def test_foreign_origin_refused(client, supervisor):
+    with pytest.raises(HTTPClientError) as e:
+        await client.websocket(origin="http://evil.example")
+    assert e.value.code == 403
+    assert supervisor.starts == 0
+
+
+async def test_backend_close_code_reaches_browser(client):
+    ws = await client.websocket()
+    await ws.write_message("!close 4001 custom reason")
+    assert await ws.read_message() is None
+    assert ws.close_code == 4001
+    assert ws.close_reason == "custom reason"
+
+
+async def test_browser_close_code_reaches_backend(client, supervisor):
+    """The fake records the close code it received; ask it through a second socket."""
+    ws = await client.websocket()
+    await ws.write_message("x")
+    await ws.read_message()
+    ws.close(4002, "bye from browser")
+    info = await client.json("libertem/_fake/pid")
+    # give the backend's on_close a moment by polling its report
+    for _ in range(100):
+        info = await client.json("libertem/_fake/pid")
+        if info.get("last_ws_close"):
+            break
+        await asyncio.sleep(0.02)
+    assert info.get("last_ws_close") == [4002, "bye from browser"]
+
+
+async def test_backend_drop_drops_browser(client, supervisor):
+    ws = await client.websocket()
+    await ws.write_message("!drop")
+    assert await ws.read_message() is None
+    assert ws.close_code in (None, 1006)
+
+
+async def test_websocket_closed_when_backend_shuts_down(client, supervisor):
+    ws = await client.websocket()
+    r = await client.fetch("libertem/api/shutdown/", method="DELETE")
+    assert r.code == 200
+    assert await asyncio.wait_for(ws.read_message(), 20) is None
+    # and the next visit starts it again
+    ws2 = await client.websocket()
+    await ws2.write_message("again")
+    assert await ws2.read_message() == "again"
+    ws2.close()
+
+
+async def test_websocket_closed_when_backend_killed(client, supervisor):
+    ws = await client.websocket()
+    os.kill(supervisor.run.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(ws.read_message(), 20) is None
+
+
+@pytest.mark.proxy_config(extra_env={"LIBERTEM_FAKE_WS_SUBPROTOCOL": "lt.v1"})
+async def test_subprotocol_chosen_by_backend(client):
+    ws = await client.websocket(subprotocols=["other", "lt.v1"])
+    assert ws.selected_subprotocol == "lt.v1"
+    ws.close()
+
+
+async def test_upstream_refusal_is_http_error(client, supervisor):
+    """A path the backend has no websocket for: the browser gets an HTTP error, never a 101."""
+    with pytest.raises(HTTPClientError) as e:
+        await client.websocket("libertem/api/no-such-socket/")
+    assert e.value.code == 404
+
+
+@pytest.mark.proxy_config(websocket_max_message_size=1024 * 1024)
+async def test_max_message_size_is_a_setting(client):
+    ws = await client.websocket(max_message_size=64 * 1024 * 1024)
+    await ws.write_message(b"a" * (1024 * 1024 - 16), binary=True)
+    assert len(await ws.read_message()) == 1024 * 1024 - 16
+    await ws.write_message(b"a" * (2 * 1024 * 1024), binary=True)
+    assert await ws.read_message() is None
+    assert ws.close_code == 1009
+
+
+async def test_websocket_count_in_status(client, supervisor):
+    ws = await client.websocket()
+    await ws.write_message("x")
+    await ws.read_message()
+    assert (await client.json("libertem-proxy/api/status"))["websockets"] == 1
+    ws.close()
+    for _ in range(200):
+        if supervisor.websockets == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert supervisor.websockets == 0
+
+
+async def test_write_after_close_raises(client):
+    ws = await client.websocket()
+    ws.close()
+    with pytest.raises(WebSocketClosedError):
+        await ws.write_message("late")
