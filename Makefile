@@ -1,0 +1,53 @@
+# libertem-jupyter-proxy: developer and CI entry points.
+#   make demo   a venv with LiberTEM + this package, JupyterLab with the GUI at /libertem/
+#   make test   every test: fast unit/integration tests, then the slow real end-to-end ones
+# The venv lives in .venv (override with VENV=...). Node.js (>= 18) is needed only to build
+# the JupyterLab extension from labextension/; installing the wheel needs none.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PORT ?= 8888
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+PYTEST_ARGS ?=
+
+.PHONY: install install-demo demo test test-fast test-slow test-e2e lint format bench docs clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# editable install; hatch-jupyter-builder builds the labextension with jlpm on the way
+install: $(PY)
+	$(PIP) install --quiet -e ".[test,lint]" jupyterlab notebook
+	$(VENV)/bin/jupyter server extension list 2>&1 | grep libertem_jupyter_proxy
+	$(VENV)/bin/jupyter labextension list 2>&1 | grep libertem-jupyter-proxy
+
+install-demo: install
+	$(PIP) install --quiet libertem
+
+demo: install-demo
+	@echo
+	@echo "LiberTEM will be at  http://127.0.0.1:$(PORT)/libertem/  (log in with the token link below)"
+	@echo
+	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) $(ROOT_FLAG)
+
+test: install-demo
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install-demo
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check libertem_jupyter_proxy tests
+	$(VENV)/bin/ruff format --check libertem_jupyter_proxy tests
+
+format: install
+	$(VENV)/bin/ruff format libertem_jupyter_proxy tests
+	$(VENV)/bin/ruff check --fix libertem_jupyter_proxy tests
+
+clean:
+	rm -rf $(VENV) build dist libertem_jupyter_proxy/labextension labextension/node_modules
