@@ -70,22 +70,24 @@ function activate(
   restorer,
   fileBrowser
 ) {
-  // Defaults match schema/plugin.json; the setting registry overrides them once loaded.
+  // The default matches schema/plugin.json; the setting registry (user settings over
+  // admin overrides) replaces it once loaded. The command waits for that, so a click
+  // during page load cannot ignore an admin's choice.
   let openIn = 'browser-tab';
-  if (settingRegistry) {
-    settingRegistry
-      .load(PLUGIN_ID)
-      .then(settings => {
-        const update = () => {
-          openIn = settings.get('openIn').composite;
-        };
-        update();
-        settings.changed.connect(update);
-      })
-      .catch(reason => {
-        console.warn(`${PLUGIN_ID}: could not load settings, using defaults`, reason);
-      });
-  }
+  const settingsLoaded = settingRegistry
+    ? settingRegistry
+        .load(PLUGIN_ID)
+        .then(settings => {
+          const update = () => {
+            openIn = settings.get('openIn').composite;
+          };
+          update();
+          settings.changed.connect(update);
+        })
+        .catch(reason => {
+          console.warn(`${PLUGIN_ID}: could not load settings, using defaults`, reason);
+        })
+    : Promise.resolve();
 
   // Notebook 7 has no dock panel to host a tab: always use a browser tab there.
   const canUseMainArea = !notebookPage();
@@ -127,13 +129,14 @@ function activate(
     label: LABEL,
     caption: 'Open the LiberTEM web GUI',
     icon: args => (args.isPalette ? undefined : libertemIcon),
-    execute: args => {
+    execute: async args => {
+      await settingsLoaded; // resolved long before any click, in practice
       const where = (args && args.openIn) || openIn;
       if (where === 'jupyterlab' && canUseMainArea) {
         return openInMainArea();
       }
-      // A click handler, so pop-up blockers allow it. 'noopener': the GUI gets
-      // no handle on this Jupyter window.
+      // Still within the click's user activation, so pop-up blockers allow it.
+      // 'noopener': the GUI gets no handle on this Jupyter window.
       window.open(guiUrl(), '_blank', 'noopener');
     }
   });
