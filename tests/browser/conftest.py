@@ -277,4 +277,3 @@ def _labextension_installed() -> None:
             f"{target} is missing: install the package (pip install -e .) so the labextension "
             "is built and installed"
         )
-
