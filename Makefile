@@ -10,6 +10,8 @@ PIP := $(PY) -m pip
 PORT ?= 8888
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
+# tests find libertem-server (and jupyter) the way users do: on PATH
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
 .PHONY: install install-demo demo test test-fast test-slow test-e2e lint format bench docs clean
 
@@ -33,13 +35,13 @@ demo: install-demo
 	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) $(ROOT_FLAG)
 
 test: install-demo
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install-demo
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check libertem_jupyter_proxy tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server._tz import utcnow
 from tornado import web
 
 from . import pages
@@ -86,6 +87,28 @@ class ProxyHandlerBase(JupyterHandler):
             jupyter_cookie_names=self.jupyter_cookie_names(),
             drop=drop,
         )
+
+    def record_activity(self) -> None:
+        """Proxied use counts as activity of this Jupyter server (JupyterHub's idle culler reads
+        it), except for paths listed in ``activity_exclude`` (polling)."""
+        if self._track_activity:
+            self.settings["libertem_proxy_last_activity"] = utcnow()
+
+    def is_navigation(self) -> bool:
+        """A browser loading a page (as opposed to fetch/XHR, assets or scripts)."""
+        if self.request.method != "GET":
+            return False
+        mode = self.request.headers.get("Sec-Fetch-Mode")
+        if mode is not None:
+            return mode == "navigate"
+        return "text/html" in self.request.headers.get("Accept", "")
+
+    def send_loading_page(self) -> None:
+        self.clear()
+        self.set_status(200)
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(pages.render_loading(self, self.supervisor))
 
     def wants_html(self) -> bool:
         """A browser navigation (rather than an API call or a script)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from tornado.routing import PathMatches, Rule
-from traitlets import Dict, Float, Int, List, Unicode, default
+from traitlets import Dict, Float, Int, List, Unicode
 
 from ._version import __version__
 from .api import LogHandler, StartHandler, StatusHandler, StopHandler, RestartHandler
@@ -49,6 +49,7 @@ class ProxySettings:
     connect_timeout: float
     read_timeout: float
     activity_exclude: list[re.Pattern[str]]
+    loading_page_delay: float
 
 
 class LiberTEMProxy(ExtensionApp):
@@ -154,9 +155,18 @@ class LiberTEMProxy(ExtensionApp):
         do not count as user activity for Jupyter's idle culler (polling).""",
     ).tag(config=True)
 
-    @default("cwd")
-    def _default_cwd(self) -> str:
-        return ""
+    idle_timeout = Float(
+        0.0,
+        help="""Stop libertem-server gracefully after this many seconds without use (no open GUI
+        tab, no request) to give its memory back; 0 turns this off. The next visit starts it
+        again.""",
+    ).tag(config=True)
+
+    loading_page_delay = Float(
+        0.5,
+        help="""A browser opening the GUI while LiberTEM starts gets the loading page if the start
+        takes longer than this many seconds (API requests and websockets wait instead).""",
+    ).tag(config=True)
 
     def _supervisor_config(self) -> SupervisorConfig:
         root = getattr(self.serverapp, "root_dir", None) if self.serverapp else None
@@ -172,6 +182,7 @@ class LiberTEMProxy(ExtensionApp):
             max_crashes=self.max_crashes,
             crash_window=self.crash_window,
             backoff_base=self.restart_backoff,
+            idle_timeout=self.idle_timeout,
         )
 
     def initialize_settings(self) -> None:
@@ -184,6 +195,7 @@ class LiberTEMProxy(ExtensionApp):
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             activity_exclude=[re.compile(p) for p in self.activity_exclude],
+            loading_page_delay=self.loading_page_delay,
         )
 
     def initialize_handlers(self) -> None:

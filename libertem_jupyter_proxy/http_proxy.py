@@ -90,6 +90,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         self._upstream: asyncio.Future[aiohttp.ClientResponse] | None = None
         self._run: BackendRun | None = None
         self._client_gone = False
+        self._counted = False
 
     def compute_etag(self) -> str | None:
         return None  # the backend's ETag (if any) passes through unchanged
@@ -102,15 +103,49 @@ class HttpProxyHandler(ProxyHandlerBase):
             web.authenticated(lambda _self: None)(self)  # login redirect (GET) or 403
             return
         self.request.connection.set_max_body_size(self.proxy_settings.max_body_size)
-        self.supervisor.touch()
+        self._counted = True
+        self.supervisor.request_started()
+        self.record_activity()
         try:
-            self._run = await self.supervisor.ensure_running()
+            if self.is_navigation() and not self.supervisor.ready:
+                self._run = await self._start_or_loading_page()
+                if self._run is None:
+                    return
+            else:
+                self._run = await self.supervisor.ensure_running()
         except BackendError as e:
             self.send_backend_error(e)
             return
         if self._has_body():
             self._pipe = BodyPipe()
         self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
+
+    async def _start_or_loading_page(self) -> BackendRun | None:
+        """A person is waiting: answer at once with the loading page unless the start is quick.
+
+        The start goes on in the background; the loading page polls the status API and turns
+        into the GUI when LiberTEM is ready (or into the error page if the start fails).
+        """
+        supervisor = self.supervisor
+        if supervisor.unseen_error is not None:
+            # a start behind an earlier loading page failed: show why, do not start again
+            # (the page's Retry button does that)
+            error, supervisor.unseen_error = supervisor.unseen_error, None
+            raise error
+        start = asyncio.ensure_future(supervisor.ensure_running())
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(start), self.proxy_settings.loading_page_delay
+            )
+        except asyncio.TimeoutError:
+            start.add_done_callback(supervisor.note_background_start)
+            self.send_loading_page()
+            return None
+
+    def on_finish(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.supervisor.request_finished()
 
     def _has_body(self) -> bool:
         h = self.request.headers

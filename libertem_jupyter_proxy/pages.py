@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import jinja2
 import markupsafe
 
-from .supervisor import BackendError
+from .supervisor import BackendError, Supervisor
 
 if TYPE_CHECKING:
     from jupyter_server.base.handlers import JupyterHandler
@@ -54,4 +54,22 @@ def render_error(handler: JupyterHandler, error: BackendError) -> str:
         retry_action=handler.base_url + "libertem-proxy/api/start",
         next_url=handler.base_url + "libertem/",
         xsrf_form_html=markupsafe.Markup(handler.xsrf_form_html()),
+    )
+
+
+def render_loading(handler: JupyterHandler, supervisor: Supervisor) -> str:
+    """The page shown at once while LiberTEM starts; it turns into the GUI by itself.
+
+    With JavaScript it polls the status API and shows the latest log lines as they come;
+    without, a ``<noscript>`` refresh reloads it every few seconds.
+    """
+    status = supervisor.status()
+    api = handler.base_url + "libertem-proxy/api/"
+    return _environment().get_template("loading.html").render(
+        elapsed=float(status.get("start_elapsed") or 0.0),
+        timeout=supervisor.config.start_timeout,
+        log_lines=list(supervisor.log_tail)[-20:],
+        status_url=api + "status",
+        log_url=api + "log?lines=20",
+        refresh_seconds=2,
     )

@@ -112,6 +112,7 @@ class SupervisorConfig:
     backoff_base: float = 1.0
     ready_interval: float = 0.02
     log_lines: int = 500
+    idle_timeout: float = 0.0
 
 
 def exit_description(code: int | None) -> str:
@@ -142,6 +143,7 @@ class BackendRun:
         self.ready_at: float | None = None
         self.session: aiohttp.ClientSession | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.idle_watch: asyncio.Task[None] | None = None
         self.stopping = False
 
     @property
@@ -175,8 +177,11 @@ class Supervisor:
         self.last_exit_code: int | None = None
         self.last_exit_time: float | None = None
         self.last_error: BackendError | None = None
+        self.unseen_error: BackendError | None = None
         self.last_activity = time.monotonic()
         self.websockets = 0
+        self.requests_in_flight = 0
+        self.idle_stops = 0
         self._start_task: asyncio.Task[BackendRun] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._generation = 0
@@ -199,6 +204,19 @@ class Supervisor:
         """Record activity (for idle shutdown and status)."""
         self.last_activity = time.monotonic()
 
+    @property
+    def ready(self) -> bool:
+        """A backend is running and answered its readiness check."""
+        return self.state is State.RUNNING and self.run is not None and not self.run.exited.is_set()
+
+    def request_started(self) -> None:
+        self.requests_in_flight += 1
+        self.touch()
+
+    def request_finished(self) -> None:
+        self.requests_in_flight -= 1
+        self.touch()
+
     def websocket_opened(self) -> None:
         self.websockets += 1
         self.touch()
@@ -212,7 +230,8 @@ class Supervisor:
     async def ensure_running(self) -> BackendRun:
         """Return a ready backend, starting one if needed. Concurrent callers share one start."""
         self.touch()
-        if self.state is State.RUNNING and self.run is not None and not self.run.exited.is_set():
+        if self.ready:
+            assert self.run is not None
             return self.run
         if self.state is State.STOPPING and self._stop_task is not None:
             await asyncio.shield(self._stop_task)
@@ -221,10 +240,27 @@ class Supervisor:
             self._start_task = asyncio.ensure_future(self._start())
         return await asyncio.shield(self._start_task)
 
+    async def wait_start(self) -> None:
+        """Wait for a start in progress to end, however it ends (the loading page's job)."""
+        task = self._start_task
+        if task is not None and not task.done():
+            with contextlib.suppress(BackendError, asyncio.CancelledError):
+                await asyncio.shield(task)
+
+    def note_background_start(self, fut: asyncio.Future[BackendRun]) -> None:
+        """Done-callback of a start nobody waits for (behind a loading page): keep its error
+        for the next page view instead of silently starting again."""
+        if fut.cancelled():
+            return
+        error = fut.exception()
+        if isinstance(error, BackendError):
+            self.unseen_error = error
+
     def reset_failures(self) -> None:
         """Forget past crashes (the user pressed Retry)."""
         self.crashes.clear()
         self.last_error = None
+        self.unseen_error = None
 
     async def stop(self) -> None:
         """Stop libertem-server: SIGINT (graceful), then SIGTERM, then SIGKILL to its group."""
@@ -262,6 +298,8 @@ class Supervisor:
             "pid": run.pid if run and not run.exited.is_set() else None,
             "uptime": (now - run.ready_at) if run and run.ready_at and self.state is State.RUNNING
             else None,
+            "start_elapsed": (now - run.started_at) if run and self.state is State.STARTING
+            else None,
             "starts": self.starts,
             "crashes": self.crash_count,
             "last_exit_code": self.last_exit_code,
@@ -269,6 +307,9 @@ class Supervisor:
             "last_error": self.last_error.to_dict() if self.last_error else None,
             "seconds_since_activity": now - self.last_activity,
             "websockets": self.websockets,
+            "requests_in_flight": self.requests_in_flight,
+            "idle_timeout": self.config.idle_timeout,
+            "idle_stops": self.idle_stops,
         }
 
     # ------------------------------------------------------------------ crash policy
@@ -333,6 +374,8 @@ class Supervisor:
                     "LiberTEM is ready on 127.0.0.1:%d (pid %s) after %.2f s",
                     run.port, run.pid, run.ready_at - run.started_at,
                 )
+                if self.config.idle_timeout > 0:
+                    run.idle_watch = asyncio.ensure_future(self._idle_watch(run))
                 return run
             raise AssertionError("unreachable")
         except BackendError as e:
@@ -478,6 +521,28 @@ class Supervisor:
         if run.reader is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(run.reader), 2.0)
+
+    async def _idle_watch(self, run: BackendRun) -> None:
+        """Stop ``run`` gracefully once nobody has used it for ``idle_timeout`` seconds.
+
+        "Nobody" means: no open browser websocket (an open GUI tab keeps its events socket),
+        no request in flight, and no request or websocket message for that long. The memory
+        (230 MiB plus about 230 MiB per worker) goes back to the machine; the next visit starts
+        LiberTEM again through the loading page.
+        """
+        timeout = self.config.idle_timeout
+        interval = min(max(timeout / 4, 0.05), 30.0)
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(run.exited.wait(), interval)
+            if run.exited.is_set() or run is not self.run or self.state is not State.RUNNING:
+                return
+            idle = time.monotonic() - self.last_activity
+            if self.websockets == 0 and self.requests_in_flight == 0 and idle >= timeout:
+                self.log.info("LiberTEM was idle for %.0f s; stopping it to free memory", idle)
+                self.idle_stops += 1
+                asyncio.ensure_future(self.stop())
+                return
 
     # ------------------------------------------------------------------ exit and stop
 

@@ -113,6 +113,7 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         if upstream is None or upstream.closed:
             return
         self.supervisor.touch()
+        self.record_activity()
         try:
             if isinstance(message, bytes):
                 await upstream.send_bytes(message)
@@ -129,6 +130,7 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
             while True:
                 # not `async for`: aiohttp's iterator swallows the CLOSE message and its code
                 msg = await upstream.receive()
+                self.supervisor.touch()
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     await self.write_message(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:

@@ -13,6 +13,15 @@ import pytest
 from .conftest import descendants_by_marker, process_alive
 
 
+async def navigate(client, supervisor, path: str = "libertem/"):
+    """A browser navigation: if the loading page comes first, wait for the start, load again."""
+    r = await client.fetch(path, headers={"Accept": "text/html"})
+    if r.code == 200 and b"Starting LiberTEM" in r.body:
+        await supervisor.wait_start()
+        r = await client.fetch(path, headers={"Accept": "text/html"})
+    return r
+
+
 async def _pid(client) -> dict:
     return await client.json("libertem/_fake/pid")
 
@@ -95,7 +104,7 @@ async def test_crash_then_restart(client, supervisor):
 async def test_crash_at_start_is_bounded_and_explained(client, supervisor):
     seen = []
     for _ in range(3):
-        r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+        r = await navigate(client, supervisor)
         seen.append(r.code)
         assert r.code == 502
         assert b"exited with code 3" in r.body
@@ -103,7 +112,7 @@ async def test_crash_at_start_is_bounded_and_explained(client, supervisor):
         assert b"Retry" in r.body
     assert supervisor.starts == 3
     # a fourth request does not start it again: crash-loop page, no new process
-    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    r = await navigate(client, supervisor)
     assert r.code == 502
     assert b"keeps crashing" in r.body
     assert supervisor.starts == 3
@@ -154,7 +163,7 @@ async def test_retry_button_resets_crash_loop(client, supervisor, tmp_path):
 
 @pytest.mark.proxy_config(extra_env={"LIBERTEM_FAKE_NEVER_LISTEN": "1"}, start_timeout=1.0)
 async def test_start_timeout(client, supervisor):
-    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    r = await navigate(client, supervisor)
     assert r.code == 504
     assert b"did not answer within 1 seconds" in r.body
     assert b"start_timeout" in r.body
@@ -252,7 +261,7 @@ async def test_invalid_json_config_named_on_page(client, supervisor, jp_dirs):
 async def test_error_page_escapes_backend_output(client, supervisor):
     supervisor.config.extra_env = {"LIBERTEM_FAKE_CRASH": "1"}
     supervisor.config.extra_args = ["--log-level=<img src=x onerror=alert(1)>"]
-    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    r = await navigate(client, supervisor)
     assert r.code == 502
     assert b"<img src=x" not in r.body
     assert b"&lt;img src=x" in r.body
