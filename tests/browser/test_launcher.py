@@ -46,9 +46,10 @@ def _extension_errors(console: Any) -> list[str]:
 def _assert_gui_page(page: Any, server: Any) -> None:
     """``page`` ends up on the LiberTEM GUI, served through the proxy at base_url/libertem/."""
     expect = _expect()
-    expect(page).to_have_title("LiberTEM", timeout=GUI_TIMEOUT)
+    # a loading page may come first while the backend starts: wait for the GUI's own root
+    expect(page.locator("div#root")).to_be_attached(timeout=GUI_TIMEOUT)
+    expect(page).to_have_title("LiberTEM")
     assert page.url == server.gui_url
-    expect(page.locator("div#root")).to_be_attached()
 
 
 def _open_notebook_new_menu(page: Any) -> Any:
@@ -120,8 +121,7 @@ def test_lab_open_in_jupyterlab_setting_from_admin_overrides(
     assert _extension_errors(console) == []
 
     frame = frame_el.element_handle().content_frame()
-    frame.wait_for_load_state()
-    _expect()(frame.locator("div#root")).to_be_attached(timeout=GUI_TIMEOUT)
+    expect(frame.locator("div#root")).to_be_attached(timeout=GUI_TIMEOUT)
     assert frame.title() == "LiberTEM"
     assert frame.url == server.gui_url
 
