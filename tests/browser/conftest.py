@@ -132,7 +132,7 @@ def _stop(server: JupyterProcess) -> None:
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session (start_new_session=True)
+            proc.kill()
             proc.wait(10)
 
 
@@ -203,7 +203,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                # same process group as pytest: a Ctrl-C or a killed run stops it too
             )
         server = JupyterProcess(app, port, proc, log_path, dirs)
         started.append(server)
