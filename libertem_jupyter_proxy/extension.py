@@ -8,13 +8,15 @@ stop hook and its children outlive the server.
 from __future__ import annotations
 
 import atexit
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from tornado.routing import PathMatches, Rule
-from traitlets import Dict, Float, Int, List, Unicode
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
 
 from ._version import __version__
 from .api import LogHandler, StartHandler, StatusHandler, StopHandler, RestartHandler
@@ -50,6 +52,7 @@ class ProxySettings:
     read_timeout: float
     activity_exclude: list[re.Pattern[str]]
     loading_page_delay: float
+    compress: bool
 
 
 class LiberTEMProxy(ExtensionApp):
@@ -162,11 +165,40 @@ class LiberTEMProxy(ExtensionApp):
         again.""",
     ).tag(config=True)
 
+    compress = Bool(
+        True,
+        help="""gzip text responses (HTML, JS, CSS, JSON) for browsers that accept it;
+        libertem-server itself never compresses. Streaming responses stay streaming.""",
+    ).tag(config=True)
+
     loading_page_delay = Float(
         0.5,
         help="""A browser opening the GUI while LiberTEM starts gets the loading page if the start
         takes longer than this many seconds (API requests and websockets wait instead).""",
     ).tag(config=True)
+
+    @validate("command", "extra_args")
+    def _json_list(self, proposal: Any) -> list[str]:
+        """Accept ``--LiberTEMProxy.command='["a", "b"]'`` on the command line too.
+
+        traitlets turns a single command-line value into a one-item list, so a JSON list
+        written there would otherwise become the name of a program that does not exist.
+        """
+        value = list(proposal["value"])
+        if len(value) == 1 and value[0].lstrip().startswith("["):
+            try:
+                parsed = json.loads(value[0])
+            except json.JSONDecodeError as e:
+                raise TraitError(
+                    f"LiberTEMProxy.{proposal['trait'].name} looks like a JSON list but is not "
+                    f"valid JSON: {e.msg}"
+                ) from None
+            if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+                raise TraitError(
+                    f"LiberTEMProxy.{proposal['trait'].name} must be a list of strings"
+                )
+            return parsed
+        return value
 
     def _supervisor_config(self) -> SupervisorConfig:
         root = getattr(self.serverapp, "root_dir", None) if self.serverapp else None
@@ -196,6 +228,7 @@ class LiberTEMProxy(ExtensionApp):
             read_timeout=self.read_timeout,
             activity_exclude=[re.compile(p) for p in self.activity_exclude],
             loading_page_delay=self.loading_page_delay,
+            compress=self.compress,
         )
 
     def initialize_handlers(self) -> None:

@@ -12,6 +12,7 @@ from tornado.iostream import StreamClosedError
 from yarl import URL
 
 from .base import ProxyHandlerBase
+from .compression import GzipStream, accepts_gzip, should_compress
 from .headers import response_headers, strip_token_query
 from .supervisor import BackendError, BackendRun
 
@@ -52,6 +53,15 @@ class BodyPipe:
             self._queue.get_nowait()
         self._queue.put_nowait(item)
 
+    def reader_done(self) -> None:
+        """The upstream request failed: discard the rest of the body.
+
+        aiohttp may stop pulling from :meth:`chunks` without closing the generator, whose
+        ``finally`` then runs only at garbage collection; without this, a write waiting on a
+        full queue would wait forever.
+        """
+        self._reader_gone.set()
+
     def close(self) -> None:
         """The whole body was received."""
         if not self._reader_gone.is_set():
@@ -73,6 +83,11 @@ class BodyPipe:
                 yield item  # type: ignore[misc]
         finally:
             self._reader_gone.set()
+
+
+def _mark_retrieved(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class ClientGone(Exception):
@@ -119,6 +134,17 @@ class HttpProxyHandler(ProxyHandlerBase):
         if self._has_body():
             self._pipe = BodyPipe()
         self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
+        # if the browser goes away mid-body nobody awaits this; don't warn about its error
+        self._upstream.add_done_callback(_mark_retrieved)
+        if self._pipe is not None:
+            pipe = self._pipe
+
+            def upstream_done(f: asyncio.Future[aiohttp.ClientResponse]) -> None:
+                # on success aiohttp may still be sending the body: keep feeding it
+                if f.cancelled() or f.exception() is not None:
+                    pipe.reader_done()
+
+            self._upstream.add_done_callback(upstream_done)
 
     async def _start_or_loading_page(self) -> BackendRun | None:
         """A person is waiting: answer at once with the loading page unless the start is quick.
@@ -242,11 +268,14 @@ class HttpProxyHandler(ProxyHandlerBase):
             else:
                 self.set_header(name, value)
                 seen.add(lname)
+        gzip = self._gzip_for(resp)
         try:
             if self.request.method != "HEAD":
                 async for chunk in resp.content.iter_any():
-                    self.write(chunk)
+                    self.write(gzip.compress(chunk) if gzip else chunk)
                     await self.flush()
+                if gzip:
+                    self.write(gzip.finish())
             self.finish()
         except StreamClosedError:
             return  # the browser went away; leaving the context closes the upstream connection
@@ -255,6 +284,23 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.log.warning("LiberTEM proxy: backend response broke off: %r", e)
             with contextlib.suppress(Exception):
                 self.request.connection.stream.close()  # type: ignore[attr-defined]
+
+    def _gzip_for(self, resp: aiohttp.ClientResponse) -> GzipStream | None:
+        """Set up compression of this response if the browser takes gzip and it is text."""
+        h = resp.headers
+        if not self.proxy_settings.compress or not should_compress(
+            resp.status, h.get("Content-Type"), h.get("Content-Encoding"), h.get("Content-Length")
+        ):
+            return None
+        self.add_header("Vary", "Accept-Encoding")
+        if not accepts_gzip(self.request.headers.get("Accept-Encoding", "")):
+            return None
+        self.clear_header("Content-Length")
+        self.set_header("Content-Encoding", "gzip")
+        etag = h.get("ETag")
+        if etag and not etag.startswith("W/"):
+            self.set_header("ETag", "W/" + etag)  # another representation of the same data
+        return GzipStream()
 
     @web.authenticated
     async def get(self, path: str = "") -> None:

@@ -166,7 +166,7 @@ class Client:
             h["Authorization"] = f"token {TOKEN}"
         h.update(headers or {})
         h = {k: v for k, v in h.items() if v is not None}
-        if body is None and method in ("POST", "PUT", "PATCH"):
+        if body is None and method in ("POST", "PUT", "PATCH") and "body_producer" not in kwargs:
             body = b""
         kwargs.setdefault("request_timeout", 60)
         kwargs.setdefault("follow_redirects", False)

@@ -170,6 +170,7 @@ class FakeState:
     websockets: set[EventsHandler] = field(default_factory=set)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     last_ws_close: list[Any] | None = None
+    aborted: dict[str, int] = field(default_factory=lambda: {"download": 0, "upload": 0})
 
     def token_ok(self, request: tornado.httputil.HTTPServerRequest) -> bool:
         """Same rule as the real middleware: a non-empty ``?token=`` wins over ``X-Api-Key``."""
@@ -408,11 +409,17 @@ class EchoHandler(BaseHandler):
     def on_finish(self) -> None:
         self.spool.close()
 
+    def on_connection_close(self) -> None:
+        # the client (the proxy) went away before the body was complete
+        self.state.aborted["upload"] += 1
+        super().on_connection_close()
+
 
 class DownloadHandler(BaseHandler):
     async def get(self) -> None:
         size = int(self.get_query_argument("size", "0"))
         chunk = max(1, int(self.get_query_argument("chunk", str(CHUNK))))
+        pause = float(self.get_query_argument("pause", "0"))  # seconds after each chunk
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Content-Length", str(size))
         if name := self.get_query_argument("filename", ""):
@@ -424,12 +431,33 @@ class DownloadHandler(BaseHandler):
                 self.write(pattern_bytes(sent, n))
                 sent += n
                 await self.flush()  # never hold more than one chunk
+                if pause:
+                    await asyncio.sleep(pause)
         except tornado.iostream.StreamClosedError:
+            self.state.aborted["download"] += 1
             return
 
     async def head(self) -> None:
         # tornado sends no body for HEAD; the loop above only sets the headers here
         await self.get()
+
+
+class TextHandler(BaseHandler):
+    """``/_fake/text?size=N&type=T&chunks=K``: a compressible text body (like the GUI's JS
+    bundle), written in K flushed chunks, with Content-Length and an ETag."""
+
+    async def get(self) -> None:
+        size = int(self.get_query_argument("size", "100000"))
+        chunks = max(1, int(self.get_query_argument("chunks", "1")))
+        line = b"function liberTEM(frame) { return frame * 2; } // padding text\n"
+        body = (line * (size // len(line) + 1))[:size]
+        self.set_header("Content-Type", self.get_query_argument("type", "application/javascript"))
+        self.set_header("Content-Length", str(size))
+        self.set_header("ETag", '"fake-text-%d"' % size)
+        step = -(-size // chunks)
+        for i in range(0, size, step):
+            self.write(body[i : i + step])
+            await self.flush()
 
 
 class SSEHandler(BaseHandler):
@@ -487,6 +515,7 @@ class PidHandler(BaseHandler):
                 "local_directory": self.state.local_directory,
                 "workers": [w.pid for w in self.state.workers],
                 "last_ws_close": self.state.last_ws_close,
+                "aborted": self.state.aborted,
                 "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)},
             }
         )
@@ -569,6 +598,7 @@ def make_app(state: FakeState) -> tornado.web.Application:
             (r"/api/shutdown/", ShutdownHandler, kw),
             (r"/_fake/headers", HeadersHandler, kw),
             (r"/_fake/echo", EchoHandler, kw),
+            (r"/_fake/text", TextHandler, kw),
             (r"/_fake/download", DownloadHandler, kw),
             (r"/_fake/sse", SSEHandler, kw),
             (r"/_fake/redirect", RedirectHandler, kw),

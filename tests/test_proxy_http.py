@@ -254,3 +254,65 @@ async def test_sse_not_buffered(client):
 
 def test_token_constant_is_not_the_backend_token():
     assert TOKEN  # the Jupyter token; the backend's is generated per start
+
+
+async def _text(client, query: str, accept_encoding: str | None = "gzip, deflate, br"):
+    return await client.fetch(
+        f"libertem/_fake/text?{query}",
+        headers={"Accept-Encoding": accept_encoding},
+        decompress_response=False,
+    )
+
+
+async def test_gzip_for_text_when_accepted(client):
+    import gzip
+
+    r = await _text(client, "size=300000&chunks=5")
+    assert r.code == 200
+    assert r.headers["Content-Encoding"] == "gzip"
+    assert "Accept-Encoding" in r.headers["Vary"]
+    assert r.headers["ETag"].startswith('W/"')
+    body = gzip.decompress(r.body)
+    assert len(body) == 300000 and body.startswith(b"function liberTEM")
+    assert len(r.body) < len(body) / 10
+    plain = await _text(client, "size=300000&chunks=5", accept_encoding=None)
+    assert "Content-Encoding" not in plain.headers
+    assert plain.body == body
+
+
+@pytest.mark.parametrize(
+    ("query", "accept"),
+    [
+        ("size=300000&type=image/png", "gzip"),  # not text
+        ("size=500", "gzip"),  # too small to gain
+        ("size=300000", "gzip;q=0, identity"),  # refused by the browser
+        ("size=300000", "identity"),
+    ],
+)
+async def test_no_gzip_when_pointless_or_refused(client, query, accept):
+    r = await _text(client, query, accept_encoding=accept)
+    assert r.code == 200
+    assert "Content-Encoding" not in r.headers
+
+
+@pytest.mark.proxy_config(compress=False)
+async def test_gzip_can_be_turned_off(client):
+    r = await _text(client, "size=300000")
+    assert "Content-Encoding" not in r.headers and len(r.body) == 300000
+
+
+async def test_event_stream_not_compressed_and_still_streamed(client):
+    """Server-sent events stay uncompressed (and so unbuffered) even if gzip is accepted."""
+    import time
+
+    arrivals = []
+    t0 = time.monotonic()
+    r = await client.fetch(
+        "libertem/_fake/sse?count=3&interval=0.3",
+        headers={"Accept-Encoding": "gzip", "Accept": "*/*"},
+        decompress_response=False,
+        streaming_callback=lambda chunk: arrivals.append(time.monotonic() - t0),
+    )
+    assert r.code == 200
+    assert "Content-Encoding" not in r.headers
+    assert arrivals and arrivals[0] < arrivals[-1] - 0.3

@@ -233,3 +233,23 @@ def test_exit_description():
     assert exit_description(0) == "exited with code 0"
     assert "SIGKILL" in exit_description(-9)
     assert exit_description(None) == "is still running"
+
+
+class TestTraits:
+    def test_command_accepts_json_list_string(self):
+        from libertem_jupyter_proxy.extension import LiberTEMProxy
+
+        app = LiberTEMProxy()
+        app.command = ['["/usr/bin/python3", "/opt/x.py"]']
+        assert app.command == ["/usr/bin/python3", "/opt/x.py"]
+        app.extra_args = ["--cpus=2"]
+        assert app.extra_args == ["--cpus=2"]
+
+    def test_command_bad_json_names_setting(self):
+        from traitlets import TraitError
+
+        from libertem_jupyter_proxy.extension import LiberTEMProxy
+
+        app = LiberTEMProxy()
+        with pytest.raises(TraitError, match="LiberTEMProxy.command"):
+            app.command = ['["unterminated']
