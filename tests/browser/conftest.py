@@ -147,7 +147,11 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
     """
     started: list[JupyterProcess] = []
 
-    def start(app: str, lab_overrides: dict[str, Any] | None = None) -> JupyterProcess:
+    def start(
+        app: str,
+        lab_overrides: dict[str, Any] | None = None,
+        env_overrides: dict[str, str] | None = None,
+    ) -> JupyterProcess:
         module = {"lab": "jupyterlab", "notebook": "notebook"}[app]
         if importlib.util.find_spec(module) is None:
             _missing(f"{module} not installed")
@@ -171,6 +175,8 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
             JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
             JUPYTER_PLATFORM_DIRS="0",
         )
+        # LIBERTEM_FAKE_* variables reach the fake backend through Jupyter's environment
+        env.update(env_overrides or {})
         port = _free_port()
         command = [sys.executable, str(FAKE_SERVER)]
         argv = [

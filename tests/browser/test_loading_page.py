@@ -1,0 +1,50 @@
+"""The loading page in a real browser: a slow start shows it, and it becomes the GUI alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_loading_page_turns_into_gui(jupyter_server: Any, browser_context: Any, console: Any):
+    from playwright.sync_api import expect
+
+    server = jupyter_server("lab", env_overrides={"LIBERTEM_FAKE_START_DELAY": "4"})
+    page = browser_context.new_page()
+    page.goto(server.url("api/status"))  # log in (the token becomes a cookie)
+
+    page.goto(server.gui_url)
+    # at once: the loading page, with the elapsed time and the log lines as they come
+    expect(page.locator("#title")).to_contain_text("Starting LiberTEM", timeout=10_000)
+    expect(page.locator("#log")).to_contain_text("still starting up", timeout=15_000)
+    expect(page.locator("#elapsed")).not_to_have_text("0", timeout=15_000)
+    page.screenshot(path=str(server.dirs["home"] / "loading-page.png"))
+
+    # then, with no user action, the GUI (its root element, its websocket open)
+    expect(page.locator("div#root")).to_be_attached(timeout=60_000)
+    expect(page).to_have_title("LiberTEM")
+    expect(page.locator("body")).to_have_attribute("data-ws", "open", timeout=30_000)
+    assert page.url == server.gui_url
+    assert [e for e in console.errors if "libertem-proxy" in e] == []
+
+
+def test_error_page_in_browser_has_retry(jupyter_server: Any, browser_context: Any):
+    from playwright.sync_api import expect
+
+    server = jupyter_server("lab", env_overrides={"LIBERTEM_FAKE_CRASH": "3"})
+    page = browser_context.new_page()
+    page.goto(server.url("api/status"))
+    page.goto(server.gui_url)
+    # the loading page notices the failure and reloads into the error page by itself
+    expect(page.locator("#title")).to_contain_text("LiberTEM stopped while starting",
+                                                   timeout=60_000)
+    expect(page.locator("#exit-code")).to_have_text("3")
+    expect(page.locator("#log")).to_contain_text("SimulatedCrash")
+    expect(page.locator("#retry")).to_be_visible()
+    # Retry posts (with Jupyter's XSRF token) and comes back to the GUI URL: still crashing
+    page.locator("#retry").click()
+    expect(page.locator("#title")).to_contain_text("LiberTEM", timeout=60_000)
+    assert page.url.startswith(server.gui_url)
