@@ -146,9 +146,10 @@ class LiberTEMProxy(ExtensionApp):
     ).tag(config=True)
 
     read_timeout = Float(
-        0.0,
-        help="""Seconds libertem-server may stay silent while answering a request before the
-        request fails; 0 means no limit (long-running jobs). There is no total timeout.""",
+        300.0,
+        help="""Seconds libertem-server may stay completely silent while answering one HTTP
+        request before that request fails (an idle timeout: a long download that keeps sending
+        data is never cut). 0 disables it. There is no total request timeout.""",
     ).tag(config=True)
 
     activity_exclude = List(

@@ -245,13 +245,22 @@ class HttpProxyHandler(ProxyHandlerBase):
 
     def _send_unreachable(self, e: BaseException) -> None:
         self.log.warning("LiberTEM proxy: backend request failed: %r", e)
-        error = BackendError(
-            "exited" if self.supervisor.run is None or self.supervisor.run.exited.is_set()
-            else "unreachable",
-            f"LiberTEM did not answer this request ({type(e).__name__}: {e}).",
-            exit_code=self.supervisor.last_exit_code,
-            hint="Reload the page; LiberTEM is started again if it stopped.",
-        )
+        if isinstance(e, asyncio.TimeoutError):
+            error = BackendError(
+                "request-timeout",
+                f"LiberTEM sent nothing for {self.proxy_settings.read_timeout:g} seconds while "
+                "answering this request.",
+                hint="If this request legitimately takes longer, raise "
+                "c.LiberTEMProxy.read_timeout.",
+            )
+        else:
+            gone = self.supervisor.run is None or self.supervisor.run.exited.is_set()
+            error = BackendError(
+                "exited" if gone else "unreachable",
+                f"LiberTEM did not answer this request ({type(e).__name__}: {e}).",
+                exit_code=self.supervisor.last_exit_code,
+                hint="Reload the page; LiberTEM is started again if it stopped.",
+            )
         self.send_backend_error(error)
 
     async def _relay(self, resp: aiohttp.ClientResponse) -> None:

@@ -25,6 +25,8 @@ _TITLES = {
     "timeout": "LiberTEM did not start in time",
     "crash-loop": "LiberTEM keeps crashing",
     "stopping": "LiberTEM is stopping",
+    "request-timeout": "LiberTEM did not answer in time",
+    "unreachable": "LiberTEM did not answer",
 }
 
 
@@ -39,7 +41,7 @@ def _environment() -> jinja2.Environment:
 
 def status_for(error: BackendError) -> int:
     """HTTP status for a backend failure: 504 for a timeout, 503 while stopping, else 502."""
-    return {"timeout": 504, "stopping": 503}.get(error.kind, 502)
+    return {"timeout": 504, "request-timeout": 504, "stopping": 503}.get(error.kind, 502)
 
 
 def error_json(error: BackendError) -> str:

@@ -333,6 +333,10 @@ class Supervisor:
                 hint="Read the log lines below for the cause, fix it, then press Retry.",
             )
 
+    def _count_crash(self) -> None:
+        self.crashes.append(time.monotonic())
+        self.crash_count += 1
+
     def _backoff(self) -> float:
         """Seconds to wait before the next start: doubles with each recent crash."""
         n = self._recent_crashes()
@@ -484,7 +488,9 @@ class Supervisor:
                 await self._drain_log(run)
                 tail = self._tail(50)
                 if run.exit_code == 1 and any("address already in use" in ln.lower() for ln in tail):
-                    raise _PortTaken()
+                    raise _PortTaken()  # our race, not LiberTEM's crash: not counted
+                if run.exit_code != 0:
+                    self._count_crash()
                 await self._cleanup_run(run)
                 raise BackendError(
                     "exited",
@@ -556,10 +562,9 @@ class Supervisor:
         self.log.log(level, "LiberTEM (pid %s) %s", run.pid, exit_description(code))
         if run is not self.run:
             return
-        if not run.stopping and code != 0:
-            self.crashes.append(time.monotonic())
-            self.crash_count += 1
         if self.state is State.RUNNING:
+            if not run.stopping and code != 0:
+                self._count_crash()
             if code == 0:
                 self._set_state(State.STOPPED)
             else:
