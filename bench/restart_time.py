@@ -62,7 +62,7 @@ def main() -> None:
         JUPYTER_RUNTIME_DIR=str(tmp),
         HOME=str(tmp),
     )
-    log = open(tmp / "jupyter.log", "wb")  # noqa: SIM115
+    log = open(tmp / "jupyter.log", "wb")
     proc = subprocess.Popen(
         [
             sys.executable,

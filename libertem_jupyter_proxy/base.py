@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server._tz import utcnow
+from jupyter_server.base.handlers import JupyterHandler
 from tornado import web
 
 from . import pages

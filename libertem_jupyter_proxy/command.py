@@ -56,7 +56,7 @@ def config_file_path(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def _check_executable(path: str, where: str, tried: list[str]) -> str:
-    """Return ``path`` if it is an executable file; otherwise raise naming ``where`` it came from."""
+    """Return ``path`` if it is an executable file; else raise, naming ``where`` it came from."""
     p = Path(path).expanduser()
     if not p.is_absolute() and os.sep not in path:
         found = shutil.which(path)

@@ -43,7 +43,9 @@ def accepts_gzip(accept_encoding: str) -> bool:
 
 
 def should_compress(
-    status: int, content_type: str | None, content_encoding: str | None,
+    status: int,
+    content_type: str | None,
+    content_encoding: str | None,
     content_length: str | None,
 ) -> bool:
     """Compress only complete-able text bodies the backend did not encode itself."""

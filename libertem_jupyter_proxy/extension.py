@@ -19,7 +19,7 @@ from tornado.routing import PathMatches, Rule
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
 
 from ._version import __version__
-from .api import LogHandler, StartHandler, StatusHandler, StopHandler, RestartHandler
+from .api import LogHandler, RestartHandler, StartHandler, StatusHandler, StopHandler
 from .base import PROXY_PATH, SETTINGS_KEY
 from .http_proxy import AddSlashHandler, HttpProxyHandler
 from .supervisor import Supervisor, SupervisorConfig
@@ -56,7 +56,10 @@ class ProxySettings:
 
 
 class LiberTEMProxy(ExtensionApp):
-    """Serves the LiberTEM GUI at ``{base_url}libertem/``; configure as ``c.LiberTEMProxy.<option>``."""
+    """Serves the LiberTEM GUI at ``{base_url}libertem/``.
+
+    Configure it as ``c.LiberTEMProxy.<option>`` in ``jupyter_server_config.py``.
+    """
 
     name = "libertem_jupyter_proxy"
     version = __version__

@@ -175,9 +175,11 @@ class HttpProxyHandler(ProxyHandlerBase):
 
     def _has_body(self) -> bool:
         h = self.request.headers
-        return self.request.method not in _NO_BODY_METHODS or (
-            "Content-Length" in h and h["Content-Length"] != "0"
-        ) or "Transfer-Encoding" in h
+        return (
+            self.request.method not in _NO_BODY_METHODS
+            or ("Content-Length" in h and h["Content-Length"] != "0")
+            or "Transfer-Encoding" in h
+        )
 
     async def _send(self, run: BackendRun, pipe: BodyPipe | None) -> aiohttp.ClientResponse:
         """Send the request upstream; returns once the backend's status and headers are in."""

@@ -50,12 +50,16 @@ def error_json(error: BackendError) -> str:
 
 def render_error(handler: JupyterHandler, error: BackendError) -> str:
     """The page a scientist sees when LiberTEM is not available, with a Retry button."""
-    return _environment().get_template("error.html").render(
-        title=_TITLES.get(error.kind, "LiberTEM is not available"),
-        error=error,
-        retry_action=handler.base_url + "libertem-proxy/api/start",
-        next_url=handler.base_url + "libertem/",
-        xsrf_form_html=markupsafe.Markup(handler.xsrf_form_html()),
+    return (
+        _environment()
+        .get_template("error.html")
+        .render(
+            title=_TITLES.get(error.kind, "LiberTEM is not available"),
+            error=error,
+            retry_action=handler.base_url + "libertem-proxy/api/start",
+            next_url=handler.base_url + "libertem/",
+            xsrf_form_html=markupsafe.Markup(handler.xsrf_form_html()),
+        )
     )
 
 
@@ -67,11 +71,15 @@ def render_loading(handler: JupyterHandler, supervisor: Supervisor) -> str:
     """
     status = supervisor.status()
     api = handler.base_url + "libertem-proxy/api/"
-    return _environment().get_template("loading.html").render(
-        elapsed=float(status.get("start_elapsed") or 0.0),
-        timeout=supervisor.config.start_timeout,
-        log_lines=list(supervisor.log_tail)[-20:],
-        status_url=api + "status",
-        log_url=api + "log?lines=20",
-        refresh_seconds=2,
+    return (
+        _environment()
+        .get_template("loading.html")
+        .render(
+            elapsed=float(status.get("start_elapsed") or 0.0),
+            timeout=supervisor.config.start_timeout,
+            log_lines=list(supervisor.log_tail)[-20:],
+            status_url=api + "status",
+            log_url=api + "log?lines=20",
+            refresh_seconds=2,
+        )
     )

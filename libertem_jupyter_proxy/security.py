@@ -41,8 +41,10 @@ def is_allowed_origin(
     if allow_origin:
         return allow_origin == origin
     if allow_origin_pat:
-        pat = allow_origin_pat if isinstance(allow_origin_pat, re.Pattern) else re.compile(
+        pat = (
             allow_origin_pat
+            if isinstance(allow_origin_pat, re.Pattern)
+            else re.compile(allow_origin_pat)
         )
         return bool(pat.match(origin))
     return False

@@ -27,8 +27,9 @@ import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -185,6 +186,7 @@ class Supervisor:
         self._start_task: asyncio.Task[BackendRun] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._generation = 0
+        self._tasks: set[asyncio.Future[None]] = set()
         self._listeners: list[Callable[[State], None]] = []
 
     # ------------------------------------------------------------------ state
@@ -199,6 +201,22 @@ class Supervisor:
 
     def add_listener(self, fn: Callable[[State], None]) -> None:
         self._listeners.append(fn)
+
+    async def wait_for_state(self, state: State) -> None:
+        """Return once the backend is in ``state`` (at once if it already is)."""
+        if self.state is state:
+            return
+        reached = asyncio.Event()
+
+        def listener(new: State) -> None:
+            if new is state:
+                reached.set()
+
+        self._listeners.append(listener)
+        try:
+            await reached.wait()
+        finally:
+            self._listeners.remove(listener)
 
     def touch(self) -> None:
         """Record activity (for idle shutdown and status)."""
@@ -296,9 +314,11 @@ class Supervisor:
         return {
             "state": self.state.value,
             "pid": run.pid if run and not run.exited.is_set() else None,
-            "uptime": (now - run.ready_at) if run and run.ready_at and self.state is State.RUNNING
+            "uptime": (now - run.ready_at)
+            if run and run.ready_at and self.state is State.RUNNING
             else None,
-            "start_elapsed": (now - run.started_at) if run and self.state is State.STARTING
+            "start_elapsed": (now - run.started_at)
+            if run and self.state is State.STARTING
             else None,
             "starts": self.starts,
             "crashes": self.crash_count,
@@ -333,6 +353,13 @@ class Supervisor:
                 hint="Read the log lines below for the cause, fix it, then press Retry.",
             )
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task that is kept referenced until it ends (tasks are weakly held
+        by the event loop and could otherwise be garbage-collected mid-way)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _count_crash(self) -> None:
         self.crashes.append(time.monotonic())
         self.crash_count += 1
@@ -362,7 +389,9 @@ class Supervisor:
                 try:
                     await self._wait_ready(run)
                 except _PortTaken:
-                    self.log.warning("Port %d was taken before LiberTEM bound it; retrying", run.port)
+                    self.log.warning(
+                        "Port %d was taken before LiberTEM bound it; retrying", run.port
+                    )
                     await self._cleanup_run(run)
                     if attempt == 2:
                         raise BackendError(
@@ -376,7 +405,9 @@ class Supervisor:
                 self._set_state(State.RUNNING)
                 self.log.info(
                     "LiberTEM is ready on 127.0.0.1:%d (pid %s) after %.2f s",
-                    run.port, run.pid, run.ready_at - run.started_at,
+                    run.port,
+                    run.pid,
+                    run.ready_at - run.started_at,
                 )
                 if self.config.idle_timeout > 0:
                     run.idle_watch = asyncio.ensure_future(self._idle_watch(run))
@@ -398,9 +429,7 @@ class Supervisor:
         try:
             return resolve_command(self.config.command, self.config.libertem_server_path)
         except CommandError as e:
-            raise BackendError(
-                "not-found", e.message, hint=e.hint, tried=e.tried
-            ) from None
+            raise BackendError("not-found", e.message, hint=e.hint, tried=e.tried) from None
 
     def _environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
@@ -443,7 +472,9 @@ class Supervisor:
         self.starts += 1
         try:
             run.proc = await process.spawn(
-                argv, self._environment(), self.config.cwd or None,
+                argv,
+                self._environment(),
+                self.config.cwd or None,
                 on_exit=lambda code, run=run: self._on_exit(run, code),
             )
         except OSError as e:
@@ -487,7 +518,8 @@ class Supervisor:
             if run.exited.is_set():
                 await self._drain_log(run)
                 tail = self._tail(50)
-                if run.exit_code == 1 and any("address already in use" in ln.lower() for ln in tail):
+                port_taken = any("address already in use" in ln.lower() for ln in tail)
+                if run.exit_code == 1 and port_taken:
                     raise _PortTaken()  # our race, not LiberTEM's crash: not counted
                 if run.exit_code != 0:
                     self._count_crash()
@@ -547,7 +579,7 @@ class Supervisor:
             if self.websockets == 0 and self.requests_in_flight == 0 and idle >= timeout:
                 self.log.info("LiberTEM was idle for %.0f s; stopping it to free memory", idle)
                 self.idle_stops += 1
-                asyncio.ensure_future(self.stop())
+                self._background(self.stop())
                 return
 
     # ------------------------------------------------------------------ exit and stop
@@ -576,7 +608,7 @@ class Supervisor:
                 )
                 self._set_state(State.FAILED)
             # workers left behind, the token dir and the HTTP client go with the run
-            asyncio.ensure_future(self._cleanup_run(run))
+            self._background(self._cleanup_run(run))
 
     async def _stop(self) -> None:
         run = self.run

@@ -24,8 +24,8 @@ from .headers import WS_HANDSHAKE, strip_token_query
 from .supervisor import BackendError
 
 # Close codes that may appear in a close frame (RFC 6455 7.4); others mean "no frame was sent".
-_SENDABLE = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(
-    range(3000, 5000)
+_SENDABLE = (
+    frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 )
 
 
@@ -36,6 +36,7 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         self._upstream: aiohttp.ClientWebSocketResponse | None = None
         self._relay: asyncio.Task[None] | None = None
         self._counted = False
+        self._closing: asyncio.Future[None] | None = None  # referenced until it is done
 
     async def prepare(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         # no login redirect for websockets: anonymous handshakes get 403 (see ws_authenticated)
@@ -164,7 +165,7 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
             self._counted = False
             self.supervisor.websocket_closed()
         code = self.close_code
-        asyncio.ensure_future(
+        self._closing = asyncio.ensure_future(
             self._close_upstream(code if code in _SENDABLE else None, self.close_reason)
         )
 
@@ -173,6 +174,4 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         if upstream is None or upstream.closed:
             return
         with contextlib.suppress(Exception):
-            await upstream.close(
-                code=code or 1000, message=(reason or "").encode("utf-8")[:123]
-            )
+            await upstream.close(code=code or 1000, message=(reason or "").encode("utf-8")[:123])

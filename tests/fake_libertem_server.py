@@ -453,7 +453,7 @@ class TextHandler(BaseHandler):
         body = (line * (size // len(line) + 1))[:size]
         self.set_header("Content-Type", self.get_query_argument("type", "application/javascript"))
         self.set_header("Content-Length", str(size))
-        self.set_header("ETag", '"fake-text-%d"' % size)
+        self.set_header("ETag", f'"fake-text-{size}"')
         step = -(-size // chunks)
         for i in range(0, size, step):
             self.write(body[i : i + step])

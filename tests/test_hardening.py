@@ -90,7 +90,8 @@ async def test_slow_websocket_reader_is_bounded(client, supervisor):
         # header injection attempt via a bare LF in a header value
         b"GET {p}libertem/ HTTP/1.1\r\nHost: {h}\r\nCookie: {c}\r\nX-A: a\nX-Api-Key: evil\r\n\r\n",
         # an oversized header
-        b"GET {p}libertem/ HTTP/1.1\r\nHost: {h}\r\nCookie: {c}\r\nX-Big: " + b"a" * 200000
+        b"GET {p}libertem/ HTTP/1.1\r\nHost: {h}\r\nCookie: {c}\r\nX-Big: "
+        + b"a" * 200000
         + b"\r\n\r\n",
         # absolute URL to another host in the request line
         b"GET http://evil.example{p}libertem/ HTTP/1.1\r\nHost: {h}\r\nCookie: {c}\r\n\r\n",

@@ -77,7 +77,7 @@ class JupyterProcess:
             LIBERTEM_ROOT=str(tmp_path),
             TMPDIR=str(self.tmp),
         )
-        self.log = open(tmp_path / "jupyter.log", "wb")  # noqa: SIM115
+        self.log = open(tmp_path / "jupyter.log", "wb")
         self.log_path = tmp_path / "jupyter.log"
         # with a terminal on stdin, Jupyter handles Ctrl-C itself (confirm, or twice to skip)
         self._pty = pty.openpty() if tty else None
@@ -154,8 +154,14 @@ def test_stopping_jupyter_stops_everything(jupyter, how):
     elif how == "Ctrl-C twice at a terminal":
         jupyter.proc.send_signal(signal.SIGINT)
         # the second ^C counts only after Jupyter has swapped in its stop handler and asks
-        _wait(lambda: "Shut down this Jupyter server" in jupyter.log_path.read_text()
-              or "Shutdown this" in jupyter.log_path.read_text(), 10, "the confirm prompt")
+        _wait(
+            lambda: (
+                "Shut down this Jupyter server" in jupyter.log_path.read_text()
+                or "Shutdown this" in jupyter.log_path.read_text()
+            ),
+            10,
+            "the confirm prompt",
+        )
         jupyter.proc.send_signal(signal.SIGINT)
     elif how == "SIGINT without terminal":  # KeyboardInterrupt: only our atexit hook runs
         jupyter.proc.send_signal(signal.SIGINT)

@@ -152,9 +152,7 @@ async def test_retry_button_resets_crash_loop(client, supervisor, tmp_path):
         await client.fetch("libertem/")
     assert supervisor.starts == 3
     # the error page's form posts here (Jupyter's XSRF rules apply: use the token as a script)
-    r = await client.fetch(
-        "libertem-proxy/api/start", method="POST", body="", auth="token"
-    )
+    r = await client.fetch("libertem-proxy/api/start", method="POST", body="", auth="token")
     assert r.code == 200
     assert json.loads(r.body)["state"] == "running"
     r = await client.fetch("libertem/api/config/")
@@ -178,8 +176,11 @@ async def test_backend_that_accepts_but_never_answers(client, supervisor):
 
 
 @pytest.mark.proxy_config(
-    extra_env={"LIBERTEM_FAKE_IGNORE_SIGINT": "1", "LIBERTEM_FAKE_IGNORE_SIGTERM": "1",
-               "LIBERTEM_FAKE_WORKERS": "2"},
+    extra_env={
+        "LIBERTEM_FAKE_IGNORE_SIGINT": "1",
+        "LIBERTEM_FAKE_IGNORE_SIGTERM": "1",
+        "LIBERTEM_FAKE_WORKERS": "2",
+    },
     stop_timeout=0.5,
 )
 async def test_stop_escalates_and_kills_whole_group(client, supervisor):

@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-
 from tornado.httpclient import HTTPClientError
 
 
@@ -110,8 +109,11 @@ async def test_backend_death_mid_upload_gives_error(client, supervisor):
 
     try:
         r = await client.fetch(
-            "libertem/_fake/echo?summary=1", method="PUT", body_producer=body,
-            headers={"Content-Length": str(200 * 1024 * 1024)}, request_timeout=60,
+            "libertem/_fake/echo?summary=1",
+            method="PUT",
+            body_producer=body,
+            headers={"Content-Length": str(200 * 1024 * 1024)},
+            request_timeout=60,
         )
         assert r.code in (502, 599), (r.code, r.body)
     except HTTPClientError as e:  # the proxy may close while we are still sending

@@ -45,7 +45,9 @@ async def test_anonymous_get_redirects_to_login(client, supervisor):
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
 async def test_anonymous_other_methods_forbidden(client, supervisor, method):
     r = await client.fetch(
-        "libertem/api/shutdown/", method=method, auth="none",
+        "libertem/api/shutdown/",
+        method=method,
+        auth="none",
         headers={"Origin": client.origin},
     )
     assert r.code in (403, 302) if method == "HEAD" else r.code == 403
@@ -139,18 +141,25 @@ async def test_cross_origin_put_refused(client, supervisor):
     body = json.dumps({"connection": {"type": "local"}})
     for origin in ("http://evil.example", "null"):
         r = await client.fetch(
-            "libertem/api/config/connection/", method="PUT", body=body,
+            "libertem/api/config/connection/",
+            method="PUT",
+            body=body,
             headers={"Origin": origin},
         )
         assert r.code == 403, origin
     # no Origin and no Referer: refused too (the GUI always sends one)
     r = await client.fetch(
-        "libertem/api/config/connection/", method="PUT", body=body, headers={"Origin": None},
+        "libertem/api/config/connection/",
+        method="PUT",
+        body=body,
+        headers={"Origin": None},
     )
     assert r.code == 403
     # a foreign Referer without Origin
     r = await client.fetch(
-        "libertem/api/config/connection/", method="PUT", body=body,
+        "libertem/api/config/connection/",
+        method="PUT",
+        body=body,
         headers={"Origin": None, "Referer": "http://evil.example/page"},
     )
     assert r.code == 403
@@ -159,16 +168,16 @@ async def test_cross_origin_put_refused(client, supervisor):
     assert r.code == 200
     assert json.loads(r.body) == json.loads(body)
     r = await client.fetch(
-        "libertem/api/config/connection/", method="PUT", body=body,
+        "libertem/api/config/connection/",
+        method="PUT",
+        body=body,
         headers={"Origin": None, "Referer": client.origin + client.base_url + "libertem/"},
     )
     assert r.code == 200
 
 
 async def test_token_authenticated_script_needs_no_origin(client):
-    r = await client.fetch(
-        "libertem/api/config/connection/", method="PUT", body="{}", auth="token"
-    )
+    r = await client.fetch("libertem/api/config/connection/", method="PUT", body="{}", auth="token")
     assert r.code == 200
 
 
