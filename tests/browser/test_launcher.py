@@ -9,6 +9,7 @@ through the proxy is always the last step.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -17,6 +18,15 @@ from typing import Any
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def save_screenshot(page: Any, name: str, **kwargs: Any) -> None:
+    """For the docs only: with ``LJP_SCREENSHOT_DIR`` set, save ``<name>.png`` there."""
+    target = os.environ.get("LJP_SCREENSHOT_DIR")
+    if target:
+        os.makedirs(target, exist_ok=True)
+        page.screenshot(path=os.path.join(target, f"{name}.png"), **kwargs)
+
 
 COMMAND = "libertem:open"
 
@@ -72,6 +82,7 @@ def test_lab_launcher_tile_opens_gui_in_new_browser_tab(
     tile.wait_for()
     expect(tile.locator("svg[data-icon='libertem-jupyter-proxy:libertem']")).to_be_visible()
     assert tile.get_attribute("data-category") == "Other"
+    save_screenshot(page, "lab-launcher", clip={"x": 0, "y": 0, "width": 1100, "height": 640})
 
     # File > New > LiberTEM
     page.locator(".lm-MenuBar-item", has_text="File").click()
@@ -138,6 +149,9 @@ def test_notebook_new_menu_opens_gui_in_new_browser_tab(
     entry = menu.locator(f".lm-Menu-item[data-command='{COMMAND}']")
     expect(entry).to_have_text("LiberTEM")
     expect(entry.locator("svg[data-icon='libertem-jupyter-proxy:libertem']")).to_be_visible()
+    save_screenshot(
+        page, "notebook-new-menu", clip={"x": 860, "y": 100, "width": 420, "height": 240}
+    )
     # Notebook 7.6 itself logs one unrelated settings error on the tree page: only ours count.
     assert _extension_errors(console) == [], console.errors
 

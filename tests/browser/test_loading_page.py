@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def save_screenshot(page: Any, name: str, **kwargs: Any) -> None:
+    """For the docs only: with ``LJP_SCREENSHOT_DIR`` set, save ``<name>.png`` there."""
+    target = os.environ.get("LJP_SCREENSHOT_DIR")
+    if target:
+        os.makedirs(target, exist_ok=True)
+        page.screenshot(path=os.path.join(target, f"{name}.png"), **kwargs)
 
 
 def test_loading_page_turns_into_gui(jupyter_server: Any, browser_context: Any, console: Any):
@@ -22,6 +31,7 @@ def test_loading_page_turns_into_gui(jupyter_server: Any, browser_context: Any, 
     expect(page.locator("#log")).to_contain_text("still starting up", timeout=15_000)
     expect(page.locator("#elapsed")).not_to_have_text("0", timeout=15_000)
     page.screenshot(path=str(server.dirs["home"] / "loading-page.png"))
+    save_screenshot(page, "loading-page", clip={"x": 140, "y": 0, "width": 1000, "height": 270})
 
     # then, with no user action, the GUI (its root element, its websocket open)
     expect(page.locator("div#root")).to_be_attached(timeout=60_000)
@@ -39,11 +49,13 @@ def test_error_page_in_browser_has_retry(jupyter_server: Any, browser_context: A
     page.goto(server.url("api/status"))
     page.goto(server.gui_url)
     # the loading page notices the failure and reloads into the error page by itself
-    expect(page.locator("#title")).to_contain_text("LiberTEM stopped while starting",
-                                                   timeout=60_000)
+    expect(page.locator("#title")).to_contain_text(
+        "LiberTEM stopped while starting", timeout=60_000
+    )
     expect(page.locator("#exit-code")).to_have_text("3")
     expect(page.locator("#log")).to_contain_text("SimulatedCrash")
     expect(page.locator("#retry")).to_be_visible()
+    save_screenshot(page, "error-page", clip={"x": 140, "y": 0, "width": 1000, "height": 430})
     # Retry posts (with Jupyter's XSRF token) and comes back to the GUI URL: still crashing
     page.locator("#retry").click()
     expect(page.locator("#title")).to_contain_text("LiberTEM", timeout=60_000)
