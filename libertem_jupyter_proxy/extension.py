@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from tornado.routing import PathMatches, Rule
@@ -50,6 +51,7 @@ class ProxySettings:
     max_body_size: int
     connect_timeout: float
     read_timeout: float
+    client_timeout: aiohttp.ClientTimeout
     activity_exclude: list[re.Pattern[str]]
     loading_page_delay: float
     compress: bool
@@ -230,6 +232,11 @@ class LiberTEMProxy(ExtensionApp):
             max_body_size=self.max_body_size,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            client_timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.connect_timeout,
+                sock_read=self.read_timeout or None,
+            ),
             activity_exclude=[re.compile(p) for p in self.activity_exclude],
             loading_page_delay=self.loading_page_delay,
             compress=self.compress,

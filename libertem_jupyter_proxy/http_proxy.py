@@ -73,16 +73,35 @@ class BodyPipe:
             self._force(exc)
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body for aiohttp; whatever is queued goes out as one write (fewer syscalls)."""
         try:
             while True:
+                batch: list[bytes] = []
                 item = await self._queue.get()
+                while True:
+                    if item is self._EOF or isinstance(item, BaseException):
+                        break
+                    batch.append(item)  # type: ignore[arg-type]
+                    if self._queue.empty():
+                        break
+                    item = self._queue.get_nowait()
+                if batch:
+                    yield batch[0] if len(batch) == 1 else b"".join(batch)
                 if item is self._EOF:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item  # type: ignore[misc]
         finally:
             self._reader_gone.set()
+
+
+SMALL_BODY = 64 * 1024
+
+
+def _is_small(resp: aiohttp.ClientResponse) -> bool:
+    """A body with a known, small length: no point in streaming it."""
+    length = resp.headers.get("Content-Length")
+    return length is not None and length.isdigit() and int(length) <= SMALL_BODY
 
 
 def _mark_retrieved(fut: asyncio.Future[object]) -> None:
@@ -200,11 +219,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             data=pipe.chunks() if pipe is not None else None,
             allow_redirects=False,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.proxy_settings.connect_timeout,
-                sock_read=self.proxy_settings.read_timeout or None,
-            ),
+            timeout=self.proxy_settings.client_timeout,
         )
 
     async def data_received(self, chunk: bytes) -> None:
@@ -258,7 +273,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         else:
             gone = self.supervisor.run is None or self.supervisor.run.exited.is_set()
             error = BackendError(
-                "exited" if gone else "unreachable",
+                "died" if gone else "unreachable",
                 f"LiberTEM did not answer this request ({type(e).__name__}: {e}).",
                 exit_code=self.supervisor.last_exit_code,
                 hint="Reload the page; LiberTEM is started again if it stopped.",
@@ -281,12 +296,14 @@ class HttpProxyHandler(ProxyHandlerBase):
                 seen.add(lname)
         gzip = self._gzip_for(resp)
         try:
-            if self.request.method != "HEAD":
-                async for chunk in resp.content.iter_any():
-                    self.write(gzip.compress(chunk) if gzip else chunk)
-                    await self.flush()
-                if gzip:
-                    self.write(gzip.finish())
+            if self.request.method == "HEAD":
+                pass
+            elif _is_small(resp):
+                # the common API answer: read it whole and send headers and body in one write
+                body = await resp.read()
+                self.write(gzip.compress(body) + gzip.finish() if gzip else body)
+            else:
+                await self._stream_body(resp, gzip)
             self.finish()
         except StreamClosedError:
             return  # the browser went away; leaving the context closes the upstream connection
@@ -295,6 +312,23 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.log.warning("LiberTEM proxy: backend response broke off: %r", e)
             with contextlib.suppress(Exception):
                 self.request.connection.stream.close()  # type: ignore[attr-defined]
+
+    async def _stream_body(self, resp: aiohttp.ClientResponse, gzip: GzipStream | None) -> None:
+        """Relay a large or open-ended body chunk by chunk, as it arrives.
+
+        One flush may be in flight while the next chunk is read from the backend: that keeps
+        both sockets busy, and still bounds what we buffer to about two chunks.
+        """
+        pending: asyncio.Future[None] | None = None
+        async for chunk in resp.content.iter_any():
+            if pending is not None:
+                await pending
+            self.write(gzip.compress(chunk) if gzip else chunk)
+            pending = self.flush()
+        if gzip:
+            self.write(gzip.finish())
+        if pending is not None:
+            await pending
 
     def _gzip_for(self, resp: aiohttp.ClientResponse) -> GzipStream | None:
         """Set up compression of this response if the browser takes gzip and it is text."""

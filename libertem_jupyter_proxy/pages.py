@@ -24,7 +24,7 @@ _TITLES = {
     "exited": "LiberTEM stopped while starting",
     "timeout": "LiberTEM did not start in time",
     "crash-loop": "LiberTEM keeps crashing",
-    "stopping": "LiberTEM is stopping",
+    "died": "LiberTEM stopped while answering",
     "request-timeout": "LiberTEM did not answer in time",
     "unreachable": "LiberTEM did not answer",
 }
@@ -40,8 +40,8 @@ def _environment() -> jinja2.Environment:
 
 
 def status_for(error: BackendError) -> int:
-    """HTTP status for a backend failure: 504 for a timeout, 503 while stopping, else 502."""
-    return {"timeout": 504, "request-timeout": 504, "stopping": 503}.get(error.kind, 502)
+    """HTTP status for a backend failure: 504 for a timeout, else 502."""
+    return {"timeout": 504, "request-timeout": 504}.get(error.kind, 502)
 
 
 def error_json(error: BackendError) -> str:
@@ -81,5 +81,8 @@ def render_loading(handler: JupyterHandler, supervisor: Supervisor) -> str:
             status_url=api + "status",
             log_url=api + "log?lines=20",
             refresh_seconds=2,
+            # JupyterHub's single-user servers check XSRF on cookie-authenticated GETs of API
+            # routes too: the page's status polls send the token as X-XSRFToken, like JupyterLab
+            xsrf_token=handler.xsrf_token.decode("ascii"),
         )
     )

@@ -63,7 +63,8 @@ class BackendError(Exception):
     """libertem-server is not available; carries everything an error page needs to explain why.
 
     ``kind`` is one of ``not-found`` (command/config problem), ``exited`` (exited while starting),
-    ``timeout`` (never became ready), ``crash-loop`` (too many crashes) or ``stopping``.
+    ``timeout`` (never became ready), ``crash-loop`` (too many crashes); for a single
+    proxied request also ``died``, ``unreachable`` and ``request-timeout``.
     """
 
     def __init__(
@@ -490,6 +491,7 @@ class Supervisor:
         run.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
             auto_decompress=False,
+            read_bufsize=1024 * 1024,  # fewer, larger reads on big downloads
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
@@ -507,7 +509,9 @@ class Supervisor:
                 return
             text = line.decode("utf-8", "replace").rstrip("\r\n")
             self.log_tail.append(text)
-            self.log.info("%s %s", LOG_PREFIX, text)
+            # one access-log line per proxied request would double Jupyter's own log volume
+            level = logging.DEBUG if "tornado.access" in text else logging.INFO
+            self.log.log(level, "%s %s", LOG_PREFIX, text)
 
     async def _wait_ready(self, run: BackendRun) -> None:
         """Poll ``GET /`` with the token while watching for an early exit."""

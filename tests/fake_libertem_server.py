@@ -412,6 +412,7 @@ class EchoHandler(BaseHandler):
     def on_connection_close(self) -> None:
         # the client (the proxy) went away before the body was complete
         self.state.aborted["upload"] += 1
+        self.spool.close()
         super().on_connection_close()
 
 

@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 
+from .test_lifecycle import navigate
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("libertem-server") is None, reason="LiberTEM not installed"),
@@ -16,7 +18,7 @@ pytestmark = [
 
 
 async def test_real_gui_shutdown_and_restart(client, supervisor):
-    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    r = await navigate(client, supervisor)  # the loading page first, then the GUI
     assert r.code == 200, r.body[:500]
     assert b"<title>LiberTEM</title>" in r.body or b"LiberTEM" in r.body
     first_pid, first_port = supervisor.run.pid, supervisor.run.port
@@ -46,7 +48,7 @@ async def test_real_gui_shutdown_and_restart(client, supervisor):
     assert await asyncio.wait_for(ws.read_message(), 30) is None  # the socket dropped
 
     # the next visit starts a new process and serves the GUI again
-    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    r = await navigate(client, supervisor)
     assert r.code == 200 and b"LiberTEM" in r.body
     assert supervisor.run.pid != first_pid
     assert supervisor.run.port != first_port
