@@ -22,6 +22,7 @@ other people's processes on the same machine for ours.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -258,6 +259,15 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when pytest dies (even by SIGKILL), so an interrupted
+    run does not leave a hub (and through it user servers and LiberTEM) or nginx behind."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
 def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
     if proc.poll() is not None:
         return
@@ -265,17 +275,9 @@ def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> No
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        with _suppress():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], ProcessLookupError | PermissionError)
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -479,6 +481,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         url = f"http://127.0.0.1:{self.chp_port}/hub/api/"
 
@@ -511,6 +514,7 @@ class Stack:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
         def ready() -> bool:
@@ -550,9 +554,9 @@ class Stack:
         # user servers live in sessions of their own (and libertem-server in yet another)
         for p in self.processes():
             killed.append(f"{p.pid}: {p.command}")
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p.pid, signal.SIGKILL)
         return killed
 
