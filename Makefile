@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # tests find libertem-server (and jupyter) the way users do: on PATH
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: install install-demo demo test test-fast test-slow test-e2e lint format bench docs clean
+.PHONY: install install-demo demo test test-fast test-slow test-e2e lint format bench bench-quick docs clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,7 +21,7 @@ $(PY):
 
 # editable install; hatch-jupyter-builder builds the labextension with jlpm on the way
 install: $(PY)
-	$(PIP) install --quiet -e ".[test,lint]" jupyterlab notebook
+	$(PIP) install --quiet -e ".[test,lint,docs]" jupyterlab notebook
 	$(VENV)/bin/jupyter server extension list 2>&1 | grep libertem_jupyter_proxy
 	$(VENV)/bin/jupyter labextension list 2>&1 | grep libertem-jupyter-proxy
 
@@ -44,12 +44,24 @@ test-slow: install-demo
 	$(RUN) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check libertem_jupyter_proxy tests
-	$(VENV)/bin/ruff format --check libertem_jupyter_proxy tests
+	$(VENV)/bin/ruff check libertem_jupyter_proxy tests bench docs
+	$(VENV)/bin/ruff format --check libertem_jupyter_proxy tests bench docs
 
 format: install
-	$(VENV)/bin/ruff format libertem_jupyter_proxy tests
-	$(VENV)/bin/ruff check --fix libertem_jupyter_proxy tests
+	$(VENV)/bin/ruff format libertem_jupyter_proxy tests bench docs
+	$(VENV)/bin/ruff check --fix libertem_jupyter_proxy tests bench docs
+
+# Sphinx site in docs/_build/html; warnings are errors (tests/test_docs.py also builds it)
+docs: install
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+# proxy vs direct vs jupyter-server-proxy 4.6.0 (bench/README.md); e.g. BENCH_ARGS="--only download"
+bench: install
+	$(RUN) $(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: install
+	$(RUN) $(PY) bench/run.py --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist libertem_jupyter_proxy/labextension labextension/node_modules
+	rm -rf $(VENV) build dist docs/_build libertem_jupyter_proxy/labextension \
+		labextension/node_modules labextension/.yarn
