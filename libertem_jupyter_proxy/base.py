@@ -38,8 +38,12 @@ class ProxyHandlerBase(JupyterHandler):
     @property
     def _track_activity(self) -> bool:  # type: ignore[override]
         """Proxied requests count as activity for Jupyter's idle culler, except excluded paths."""
-        rest = self.upstream_path()[1:]
-        return not any(p.search(rest) for p in self.proxy_settings.activity_exclude)
+        tracked = getattr(self, "_tracked", None)
+        if tracked is None:  # computed once per request (websockets ask per message)
+            rest = self.upstream_path()[1:]
+            tracked = not any(p.search(rest) for p in self.proxy_settings.activity_exclude)
+            self._tracked = tracked
+        return tracked
 
     def upstream_path(self) -> str:
         """The raw (still percent-encoded) path below our prefix, starting with ``/``.

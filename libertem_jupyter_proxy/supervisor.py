@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import aiohttp.abc
 
 from . import process
 from .command import CommandError, ResolvedCommand, resolve_command
@@ -155,6 +156,34 @@ class BackendRun:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class LoopbackResolver(aiohttp.abc.AbstractResolver):
+    """Resolves only ``127.0.0.1``, at once.
+
+    aiohttp's default resolver runs ``getaddrinfo`` in a thread for every new connection, even
+    for an IP literal; that thread hop showed up as milliseconds of time-to-first-byte. The
+    backend's address is fixed, so there is nothing to resolve - and nothing else may be.
+    """
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        if host != "127.0.0.1":
+            raise OSError(f"libertem-jupyter-proxy only connects to 127.0.0.1, not {host!r}")
+        return [
+            {
+                "hostname": host,
+                "host": host,
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
 
 
 def _free_port() -> int:
@@ -489,7 +518,7 @@ class Supervisor:
         stdout = run.proc.proc._proc.stdout  # the asyncio.subprocess.Process inside simpervisor
         run.reader = asyncio.ensure_future(self._read_log(stdout))
         run.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=0, resolver=LoopbackResolver()),
             auto_decompress=False,
             read_bufsize=1024 * 1024,  # fewer, larger reads on big downloads
             cookie_jar=aiohttp.DummyCookieJar(),

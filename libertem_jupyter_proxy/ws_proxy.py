@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -36,6 +37,7 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         self._upstream: aiohttp.ClientWebSocketResponse | None = None
         self._relay: asyncio.Task[None] | None = None
         self._counted = False
+        self._last_recorded = 0.0
         self._closing: asyncio.Future[None] | None = None  # referenced until it is done
 
     async def prepare(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
@@ -104,6 +106,10 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         return self._upstream.protocol if self._upstream is not None else None
 
     def open(self, *args: Any, **kwargs: Any) -> None:
+        # read big frames in fewer, larger pieces (tornado's default is 64 KiB per read)
+        stream = getattr(self.ws_connection, "stream", None)
+        if stream is not None:
+            stream.read_chunk_size = 1024 * 1024
         self.supervisor.websocket_opened()
         self._counted = True
         self._relay = asyncio.ensure_future(self._relay_upstream())
@@ -113,8 +119,11 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         upstream = self._upstream
         if upstream is None or upstream.closed:
             return
-        self.supervisor.touch()
-        self.record_activity()
+        now = time.monotonic()
+        if now - self._last_recorded > 1.0:  # activity is coarse: once a second is plenty
+            self._last_recorded = now
+            self.supervisor.touch()
+            self.record_activity()
         try:
             if isinstance(message, bytes):
                 await upstream.send_bytes(message)
@@ -131,7 +140,6 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
             while True:
                 # not `async for`: aiohttp's iterator swallows the CLOSE message and its code
                 msg = await upstream.receive()
-                self.supervisor.touch()
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     await self.write_message(msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
