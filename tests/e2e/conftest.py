@@ -51,16 +51,9 @@ NGINX_SNIPPET = REPO / "docs" / "snippets" / "nginx-jupyterhub.conf"
 ARTIFACTS = Path(os.environ.get("E2E_ARTIFACTS", REPO / "e2e-artifacts")).resolve()
 
 USERS = ("alice", "bob")  # the scenario's users
-# A third user whose server keeps the proxy's default loading_page_delay (see the BUG note below).
+# A third user who opens the GUI by its URL: the first visit shows the proxy's loading page while
+# LiberTEM starts, whose status polls must pass JupyterHub's XSRF rule (they once got 403).
 LOADING_PAGE_USER = "carol"
-# BUG (product, found by these tests): under JupyterHub the loading page never turns into the
-# GUI. Its fetch() of {base_url}libertem-proxy/api/status carries the user's cookie but no
-# X-XSRFToken; JupyterHub (4.1+) accepts cookie auth on non-navigation requests only with an
-# XSRF token, so the status API answers 403, the page polls forever, and the user stays on
-# "Starting LiberTEM…". Until that is fixed, alice's and bob's servers get a loading_page_delay
-# longer than any start, so opening the GUI waits for LiberTEM instead of showing that page;
-# test_loading_page_turns_into_gui_under_hub (strict xfail) covers the bug with carol.
-LOADING_PAGE_WORKAROUND = ["--LiberTEMProxy.loading_page_delay=3600"]
 PASSWORD = "e2e-password-not-secret"
 RUN_MARKER = "LTJP_E2E_RUN"
 HUB_START_TIMEOUT = 90.0
@@ -317,14 +310,6 @@ c.Spawner.cmd = [{singleuser!r}]
 # CI runs as root; Jupyter refuses root without this
 c.Spawner.args = ["--allow-root"]
 c.Spawner.default_url = "/lab"
-
-
-def _pre_spawn(spawner):
-    if spawner.user.name in {users!r}:
-        spawner.args = [*spawner.args, *{workaround!r}]
-
-
-c.Spawner.pre_spawn_hook = _pre_spawn
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180
 # nothing of the hub's environment leaks into the user servers: all they get is below
@@ -448,9 +433,7 @@ class Stack:
             db=hub_dir / "jupyterhub.sqlite",
             cookie_secret=str(hub_dir / "cookie_secret"),
             password=PASSWORD,
-            users=set(USERS),
             all_users={*USERS, LOADING_PAGE_USER},
-            workaround=LOADING_PAGE_WORKAROUND,
             service_token=self.service_token,
             home_template=str(self.root / "home" / "{username}"),
             singleuser=str(JUPYTER_VENV / "bin" / "jupyterhub-singleuser"),
