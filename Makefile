@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 # tests find libertem-server (and jupyter) the way users do: on PATH
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: install install-demo demo test test-fast test-slow test-e2e lint format bench bench-quick docs clean
+.PHONY: install install-demo demo test test-fast test-slow test-e2e e2e-setup lint format bench \
+	bench-quick soak docs clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,14 +35,22 @@ demo: install-demo
 	@echo
 	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) $(ROOT_FLAG)
 
+# everything but the JupyterHub/nginx end-to-end suite, which has its own environments
 test: install-demo
-	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 test-fast: install
 	$(RUN) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install-demo
-	$(RUN) $(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -m "slow and not e2e" $(PYTEST_ARGS)
+
+# real-world end to end: nginx -> JupyterHub -> user servers -> LiberTEM in its own venv
+e2e-setup: install
+	bash tests/e2e/setup.sh
+
+test-e2e: e2e-setup
+	LTJP_E2E_REQUIRED=1 $(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check libertem_jupyter_proxy tests bench docs
@@ -62,6 +71,10 @@ bench: install
 bench-quick: install
 	$(RUN) $(PY) bench/run.py --quick $(BENCH_ARGS)
 
+# mixed traffic with shutdowns and crashes for 10 minutes (bench/soak.py)
+soak: install
+	$(RUN) $(PY) bench/soak.py --minutes 10
+
 clean:
-	rm -rf $(VENV) build dist docs/_build libertem_jupyter_proxy/labextension \
+	rm -rf $(VENV) build dist docs/_build .e2e e2e-artifacts libertem_jupyter_proxy/labextension \
 		labextension/node_modules labextension/.yarn
