@@ -1,6 +1,6 @@
 # libertem-jupyter-proxy: developer and CI entry points.
 #   make demo   a venv with LiberTEM + this package, JupyterLab with the GUI at /libertem/
-#   make test   every test: fast unit/integration tests, then the slow real end-to-end ones
+#   make test   every test: the JupyterHub/nginx end-to-end suite, then all the others
 # The venv lives in .venv (override with VENV=...). Node.js (>= 18) is needed only to build
 # the JupyterLab extension from labextension/; installing the wheel needs none.
 
@@ -35,9 +35,12 @@ demo: install-demo
 	@echo
 	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) $(ROOT_FLAG)
 
-# everything but the JupyterHub/nginx end-to-end suite, which has its own environments
-test: install-demo
-	$(RUN) $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+# every test: the JupyterHub/nginx end-to-end suite (its own environments, see e2e-setup),
+# then everything else (unit, integration, browser, real LiberTEM, docs, soak); both always run
+test: install-demo e2e-setup
+	LTJP_E2E_REQUIRED=1 $(RUN) $(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS); e2e=$$?; \
+	$(RUN) $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS); main=$$?; \
+	exit $$(( e2e || main ))
 
 test-fast: install
 	$(RUN) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
