@@ -32,7 +32,7 @@ import aiohttp
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from setups import BACKEND, base_env, free_port, make_workdir, wait_http  # noqa: E402
+from setups import BACKEND, base_env, free_port, make_workdir, wait_http
 
 GRACE = 2.0  # seconds after a restart in which in-flight failures still count as expected
 
@@ -194,8 +194,8 @@ async def run(minutes: float, clients: int, interval: float) -> dict:
     token = "soak-" + os.urandom(8).hex()
     config = write_config(workdir, port, token)
     env = base_env(workdir, None)
-    log = open(workdir / "jupyter.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
+    log = open(workdir / "jupyter.log", "wb")  # noqa: ASYNC230 - once, closed in finally
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any traffic
         [sys.executable, "-m", "jupyter_server", f"--config={config}"],
         env=env,
         cwd=str(workdir / "root"),

@@ -22,19 +22,12 @@ from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 from traitlets.config import Config
 
+from .helpers import OTHER_EXTENSIONS
+
 HERE = Path(__file__).parent
 FAKE_SERVER = HERE / "fake_libertem_server.py"
 TOKEN = "test-jupyter-token-c0ffee"
 DEFAULT_BASE_URL = "/user/alice/"
-OTHER_EXTENSIONS = (
-    "jupyterlab",
-    "notebook",
-    "notebook_shim",
-    "jupyter_lsp",
-    "jupyter_server_terminals",
-    "nbclassic",
-    "jupyter_server_proxy",
-)
 
 
 def fake_command() -> list[str]:

@@ -38,6 +38,8 @@ from typing import Any
 
 import pytest
 
+from .helpers import missing
+
 pytestmark = [pytest.mark.docs]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,12 +51,6 @@ TOKEN = "docs-test-token-0d0c5"
 BASE_URL = "/user/alice/"
 APACHE = Path("/usr/sbin/apache2")
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
-
-
-def _missing(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (required in CI)")
-    pytest.skip(reason)
 
 
 # ------------------------------------------------------------------------------ the build
@@ -102,7 +98,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         import furo  # noqa: F401
         import sphinx  # noqa: F401
     except ImportError:
-        _missing('sphinx/furo not installed (pip install -e ".[docs]")')
+        missing('sphinx/furo not installed (pip install -e ".[docs]")')
     out = tmp_path_factory.mktemp("docs")
     t = time.monotonic()
     proc = subprocess.run(
@@ -609,7 +605,7 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
 def test_live_server(live_server: LiveServer, tmp_path: Path) -> None:
     """status-api.sh against a real Jupyter server, then Apache's snippet in front of it."""
     if shutil.which("curl") is None:
-        _missing("curl not installed")
+        missing("curl not installed")
     env = {**os.environ, "JUPYTER_URL": live_server.url, "JUPYTER_TOKEN": TOKEN}
     proc = subprocess.run(
         ["bash", str(SNIPPET_DIR / "status-api.sh")],

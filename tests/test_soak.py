@@ -18,8 +18,16 @@ SOAK = Path(__file__).parents[1] / "bench" / "soak.py"
 def test_soak(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     subprocess.run(
-        [sys.executable, str(SOAK), "--minutes", "1.5", "--chaos-interval", "15",
-         "--json", str(out)],
+        [
+            sys.executable,
+            str(SOAK),
+            "--minutes",
+            "1.5",
+            "--chaos-interval",
+            "15",
+            "--json",
+            str(out),
+        ],
         check=True,
         timeout=600,
     )
@@ -27,8 +35,9 @@ def test_soak(tmp_path: Path) -> None:
     print(json.dumps(report, indent=2))
     assert report["restarts"] >= 4
     assert report["served_total"] > 500
-    assert all(report["served"].get(op, 0) > 0 for op in ("page", "api", "download", "upload",
-                                                          "websocket"))
+    assert all(
+        report["served"].get(op, 0) > 0 for op in ("page", "api", "download", "upload", "websocket")
+    )
     assert report["errors_outside_windows"] == 0, report["outside_examples"]
     start, end = report["start"], report["end"]
     assert end["fds"] <= start["fds"] + 4, (start, end)

@@ -24,19 +24,10 @@ from typing import Any
 
 import pytest
 
+from ..helpers import CHROMIUM, CHROMIUM_ARGS, missing
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SERVER = REPO / "tests" / "fake_libertem_server.py"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 BASE_URL = "/user/alice/"
 TOKEN = "browser-test-token-5eed"
 START_TIMEOUT = 90.0  # a cold JupyterLab start on a busy 2-core CI machine
@@ -44,12 +35,6 @@ START_TIMEOUT = 90.0  # a cold JupyterLab start on a busy 2-core CI machine
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: drives a real browser (headless Chromium)")
-
-
-def _missing(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (required in CI)")
-    pytest.skip(reason)
 
 
 @dataclass
@@ -154,7 +139,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
     ) -> JupyterProcess:
         module = {"lab": "jupyterlab", "notebook": "notebook"}[app]
         if importlib.util.find_spec(module) is None:
-            _missing(f"{module} not installed")
+            missing(f"{module} not installed")
         root = tmp_path / f"{app}-{len(started)}"
         dirs = {n: root / n for n in ("home", "config", "data", "runtime", "notebooks")}
         for d in dirs.values():
@@ -225,11 +210,11 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
 def browser_context(tmp_path: Path) -> Iterator[Any]:
     """A fresh headless Chromium (own user-data dir) with one Playwright context."""
     if not os.path.exists(CHROMIUM):
-        _missing(f"{CHROMIUM} not installed (apt-get install chromium)")
+        missing(f"{CHROMIUM} not installed (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("playwright not installed (pip install playwright)")
+        missing("playwright not installed (pip install playwright)")
     user_data = tmp_path / "chromium-profile"
     user_data.mkdir()
     with sync_playwright() as pw:

@@ -9,7 +9,6 @@ through the proxy is always the last step.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -17,15 +16,9 @@ from typing import Any
 
 import pytest
 
+from ..helpers import save_screenshot
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def save_screenshot(page: Any, name: str, **kwargs: Any) -> None:
-    """For the docs only: with ``LJP_SCREENSHOT_DIR`` set, save ``<name>.png`` there."""
-    target = os.environ.get("LJP_SCREENSHOT_DIR")
-    if target:
-        os.makedirs(target, exist_ok=True)
-        page.screenshot(path=os.path.join(target, f"{name}.png"), **kwargs)
 
 
 COMMAND = "libertem:open"

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 
+from ..helpers import save_screenshot
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def save_screenshot(page: Any, name: str, **kwargs: Any) -> None:
-    """For the docs only: with ``LJP_SCREENSHOT_DIR`` set, save ``<name>.png`` there."""
-    target = os.environ.get("LJP_SCREENSHOT_DIR")
-    if target:
-        os.makedirs(target, exist_ok=True)
-        page.screenshot(path=os.path.join(target, f"{name}.png"), **kwargs)
 
 
 def test_loading_page_turns_into_gui(jupyter_server: Any, browser_context: Any, console: Any):

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from ..helpers import CHROMIUM_ARGS
 from .conftest import (
     CHROMIUM,
     JUPYTER_VENV,
@@ -46,16 +47,6 @@ from .conftest import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # Upper bounds for one step on a slow, busy machine (ms); the steps wait for events and
 # normally take a fraction of this (see timings.json).
 SPAWN_TIMEOUT = 180_000  # log in -> user server spawned -> JupyterLab's launcher

@@ -1,0 +1,49 @@
+"""Small pieces shared by the test suites (and the benchmark): no fixtures, no side effects."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+# Debian's Chromium, driven by playwright; never a browser that playwright downloads itself.
+CHROMIUM = "/usr/bin/chromium"
+# Headless, as root, with no background traffic: this machine reaches no host but itself.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Other server extensions that may be installed next to ours; tests and the benchmark turn
+# them off so that only this extension's behaviour and cost are seen.
+OTHER_EXTENSIONS = (
+    "jupyterlab",
+    "notebook",
+    "notebook_shim",
+    "jupyter_lsp",
+    "jupyter_server_terminals",
+    "nbclassic",
+    "jupyter_server_proxy",
+)
+
+
+def missing(reason: str) -> None:
+    """A tool a test needs is absent: skip on a developer's machine, fail in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+def save_screenshot(page: Any, name: str, **kwargs: Any) -> None:
+    """For the docs only: with ``LJP_SCREENSHOT_DIR`` set, save ``<name>.png`` there."""
+    target = os.environ.get("LJP_SCREENSHOT_DIR")
+    if target:
+        os.makedirs(target, exist_ok=True)
+        page.screenshot(path=os.path.join(target, f"{name}.png"), **kwargs)
