@@ -188,6 +188,11 @@ class HttpProxyHandler(ProxyHandlerBase):
             return None
 
     def on_finish(self) -> None:
+        self._uncount()
+
+    def _uncount(self) -> None:
+        """End this request's share of ``requests_in_flight`` exactly once, however it ends
+        (a finished response, or a browser that went away: then ``on_finish`` may not run)."""
         if self._counted:
             self._counted = False
             self.supervisor.request_finished()
@@ -228,6 +233,7 @@ class HttpProxyHandler(ProxyHandlerBase):
 
     def on_connection_close(self) -> None:
         self._client_gone = True
+        self._uncount()
         if self._pipe is not None:
             self._pipe.abort(ClientGone())
         elif self._upstream is not None and not self._upstream.done():

@@ -22,6 +22,7 @@ from yarl import URL
 
 from .base import ProxyHandlerBase
 from .headers import WS_HANDSHAKE, strip_token_query
+from .pages import status_for
 from .supervisor import BackendError
 
 # Close codes that may appear in a close frame (RFC 6455 7.4); others mean "no frame was sent".
@@ -65,7 +66,7 @@ class WebSocketProxyHandler(ProxyHandlerBase, WebSocketHandler):
         try:
             run = await self.supervisor.ensure_running()
         except BackendError as e:
-            self.set_status(502 if e.kind != "timeout" else 504)
+            self.set_status(status_for(e))
             self.finish(json.dumps(e.to_dict()))
             return
         assert run.session is not None
