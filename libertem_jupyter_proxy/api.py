@@ -12,7 +12,8 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from .base import SETTINGS_KEY
-from .supervisor import BackendError, Supervisor
+from .errors import BackendError
+from .supervisor import Supervisor
 
 
 class _ControlBase(APIHandler):

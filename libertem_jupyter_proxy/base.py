@@ -13,7 +13,9 @@ from .headers import upstream_headers
 from .security import cross_site_reason
 
 if TYPE_CHECKING:
-    from .supervisor import BackendError, BackendRun, Supervisor
+    from .backend_run import BackendRun
+    from .errors import BackendError
+    from .supervisor import Supervisor
 
 SETTINGS_KEY = "libertem_proxy"
 PROXY_PATH = "libertem/"

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import jinja2
 import markupsafe
 
-from .supervisor import BackendError, Supervisor
+from .errors import BackendError
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from jupyter_server.base.handlers import JupyterHandler

@@ -15,6 +15,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,3 +144,35 @@ def group_members(pgid: int) -> list[int]:
         if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
             members.append(int(entry))
     return members
+
+
+_ESCALATION = (signal.SIGTERM, signal.SIGKILL)
+_KILL_WAIT = 5.0  # after SIGKILL, only the kernel can be slow
+
+
+async def kill_group(pgid: int, term_timeout: float, log: Any = None) -> None:
+    """SIGTERM to every process of the group, SIGKILL to what is left after ``term_timeout``.
+
+    Returns when no live process of the group remains (or SIGKILL's wait ran out).
+    """
+    for sig, wait in zip(_ESCALATION, (term_timeout, _KILL_WAIT), strict=True):
+        if not group_members(pgid):
+            return
+        if log is not None:
+            log.info("Sending %s to LiberTEM's process group %d", sig.name, pgid)
+        signal_group(pgid, sig)
+        deadline = time.monotonic() + wait
+        # the workers are not our children: no exit event to await, so poll /proc
+        while group_members(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def kill_group_now(pgid: int, term_timeout: float) -> None:
+    """:func:`kill_group` without an event loop (for ``atexit``)."""
+    for sig, wait in zip(_ESCALATION, (term_timeout, _KILL_WAIT), strict=True):
+        if not group_members(pgid):
+            return
+        signal_group(pgid, sig)
+        deadline = time.monotonic() + wait
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)

@@ -20,11 +20,8 @@ import contextlib
 import enum
 import logging
 import os
-import secrets
 import shutil
 import signal
-import socket
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -34,8 +31,12 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 
-from . import process
+from . import backend_run, process
+from .backend_run import BackendRun
 from .command import CommandError, ResolvedCommand, resolve_command
+from .errors import BackendError, exit_description
+
+__all__ = ["BackendError", "BackendRun", "State", "Supervisor", "SupervisorConfig"]
 
 LOG_PREFIX = "[LiberTEM]"
 
@@ -60,43 +61,6 @@ _ALLOWED = {
 }
 
 
-class BackendError(Exception):
-    """libertem-server is not available; carries everything an error page needs to explain why.
-
-    ``kind`` is one of ``not-found`` (command/config problem), ``exited`` (exited while starting),
-    ``timeout`` (never became ready), ``crash-loop`` (too many crashes); for a single
-    proxied request also ``died``, ``unreachable`` and ``request-timeout``.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        exit_code: int | None = None,
-        log_lines: Sequence[str] = (),
-        hint: str = "",
-        tried: Sequence[str] = (),
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.exit_code = exit_code
-        self.log_lines = list(log_lines)
-        self.hint = hint
-        self.tried = list(tried)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "error": self.kind,
-            "message": self.message,
-            "exit_code": self.exit_code,
-            "hint": self.hint,
-            "tried": self.tried,
-            "log": self.log_lines,
-        }
-
-
 @dataclass
 class SupervisorConfig:
     """Plain values taken from the ``LiberTEMProxy`` traitlets (see extension.py for the help)."""
@@ -116,81 +80,6 @@ class SupervisorConfig:
     ready_interval: float = 0.02
     log_lines: int = 500
     idle_timeout: float = 0.0
-
-
-def exit_description(code: int | None) -> str:
-    """Words for an exit code: negative codes are signals (asyncio's convention)."""
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited with code {code}"
-
-
-class BackendRun:
-    """Everything that belongs to one start of libertem-server."""
-
-    def __init__(self, generation: int, port: int, token: str, tmpdir: str) -> None:
-        self.generation = generation
-        self.port = port
-        self.token = token
-        self.tmpdir = tmpdir
-        self.proc: process.OneShotProcess | None = None
-        self.exit_code: int | None = None
-        self.exited = asyncio.Event()
-        self.started_at = time.monotonic()
-        self.ready_at: float | None = None
-        self.session: aiohttp.ClientSession | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.idle_watch: asyncio.Task[None] | None = None
-        self.stopping = False
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class LoopbackResolver(aiohttp.abc.AbstractResolver):
-    """Resolves only ``127.0.0.1``, at once.
-
-    aiohttp's default resolver runs ``getaddrinfo`` in a thread for every new connection, even
-    for an IP literal; that thread hop showed up as milliseconds of time-to-first-byte. The
-    backend's address is fixed, so there is nothing to resolve - and nothing else may be.
-    """
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        if host != "127.0.0.1":
-            raise OSError(f"libertem-jupyter-proxy only connects to 127.0.0.1, not {host!r}")
-        return [
-            {
-                "hostname": host,
-                "host": host,
-                "port": port,
-                "family": socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
-def _free_port() -> int:
-    """A port that was free a moment ago; a lost race shows up as an early exit and is retried."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Supervisor:
@@ -326,15 +215,8 @@ class Supervisor:
         run = self.run
         if run is None:
             return
-        pgid = run.pid
-        if pgid is not None:
-            for sig, wait in ((signal.SIGTERM, self.config.term_timeout), (signal.SIGKILL, 5.0)):
-                if not process.group_members(pgid):
-                    break
-                process.signal_group(pgid, sig)
-                deadline = time.monotonic() + wait
-                while process.group_members(pgid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
+        if run.pid is not None:
+            process.kill_group_now(run.pid, self.config.term_timeout)
         shutil.rmtree(run.tmpdir, ignore_errors=True)
 
     def status(self) -> dict[str, object]:
@@ -469,24 +351,10 @@ class Supervisor:
 
     async def _start_once(self) -> BackendRun:
         resolved = self._resolve()
-        try:
-            tmpdir = tempfile.mkdtemp(prefix="libertem-proxy-")  # mode 0700
-            token = secrets.token_urlsafe(32)
-            token_path = os.path.join(tmpdir, "token")
-            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
-            local_dir = self.config.local_directory or os.path.join(tmpdir, "dask-worker-space")
-        except OSError as e:
-            raise BackendError(
-                "not-found",
-                f"Could not create the token directory for LiberTEM in {tempfile.gettempdir()}: "
-                f"{e.strerror or e}.",
-                hint="Check that the temporary directory exists, is writable and not full "
-                "(TMPDIR selects another one).",
-            ) from None
+        tmpdir, token, token_path = backend_run.new_run_dir()
+        local_dir = self.config.local_directory or os.path.join(tmpdir, "dask-worker-space")
         self._generation += 1
-        port = _free_port()
+        port = backend_run.free_port()
         run = BackendRun(self._generation, port, token, tmpdir)
         argv = [
             *resolved.argv,
@@ -517,13 +385,7 @@ class Supervisor:
             ) from None
         stdout = run.proc.proc._proc.stdout  # the asyncio.subprocess.Process inside simpervisor
         run.reader = asyncio.ensure_future(self._read_log(stdout))
-        run.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, resolver=LoopbackResolver()),
-            auto_decompress=False,
-            read_bufsize=1024 * 1024,  # fewer, larger reads on big downloads
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        )
+        run.session = backend_run.new_session()
         return run
 
     async def _read_log(self, stream: asyncio.StreamReader | None) -> None:
@@ -670,14 +532,8 @@ class Supervisor:
 
     async def _cleanup_run(self, run: BackendRun) -> None:
         """Make sure nothing of ``run`` is left: processes of its group, token dir, HTTP client."""
-        pgid = run.pid
-        if pgid is not None:
-            for sig, wait in ((signal.SIGTERM, self.config.term_timeout), (signal.SIGKILL, 5.0)):
-                if not await self._group_gone(pgid, 0.0):
-                    self.log.info("Sending %s to LiberTEM's process group %d", sig.name, pgid)
-                    process.signal_group(pgid, sig)
-                    if await self._group_gone(pgid, wait):
-                        break
+        if run.pid is not None:
+            await process.kill_group(run.pid, self.config.term_timeout, self.log)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(run.exited.wait(), 5.0)
         if run.reader is not None:
@@ -685,15 +541,6 @@ class Supervisor:
         if run.session is not None and not run.session.closed:
             await run.session.close()
         shutil.rmtree(run.tmpdir, ignore_errors=True)
-
-    async def _group_gone(self, pgid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not process.group_members(pgid):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
 
 
 class _PortTaken(Exception):

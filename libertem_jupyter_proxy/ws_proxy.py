@@ -21,9 +21,9 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from yarl import URL
 
 from .base import ProxyHandlerBase
+from .errors import BackendError
 from .headers import WS_HANDSHAKE, strip_token_query
 from .pages import status_for
-from .supervisor import BackendError
 
 # Close codes that may appear in a close frame (RFC 6455 7.4); others mean "no frame was sent".
 _SENDABLE = (

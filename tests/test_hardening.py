@@ -12,7 +12,7 @@ import tempfile
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from libertem_jupyter_proxy import supervisor as supervisor_module
+from libertem_jupyter_proxy import backend_run
 
 
 @pytest.mark.proxy_config(read_timeout=0.5)
@@ -29,9 +29,9 @@ async def test_port_taken_between_choice_and_bind(client, supervisor, monkeypatc
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     taken = squatter.getsockname()[1]
-    real = supervisor_module._free_port
+    real = backend_run.free_port
     ports = iter([taken])
-    monkeypatch.setattr(supervisor_module, "_free_port", lambda: next(ports, None) or real())
+    monkeypatch.setattr(backend_run, "free_port", lambda: next(ports, None) or real())
     try:
         r = await client.fetch("libertem/api/config/")
         assert r.code == 200

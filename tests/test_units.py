@@ -10,6 +10,7 @@ import pytest
 from tornado.httputil import HTTPHeaders
 
 from libertem_jupyter_proxy.command import CommandError, config_file_path, resolve_command
+from libertem_jupyter_proxy.errors import exit_description
 from libertem_jupyter_proxy.headers import (
     filter_cookies,
     response_headers,
@@ -19,7 +20,6 @@ from libertem_jupyter_proxy.headers import (
     upstream_headers,
 )
 from libertem_jupyter_proxy.security import cross_site_reason, is_allowed_origin
-from libertem_jupyter_proxy.supervisor import exit_description
 
 
 def _exe(path: Path, text: str = "#!/bin/sh\nexec true\n") -> Path:

@@ -1,0 +1,113 @@
+"""One start of libertem-server: its private directory and token, port, HTTP client, process.
+
+Everything here belongs to exactly one run and goes away with it; nothing is reused between
+starts (a new port, a new token, a new client each time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import tempfile
+import time
+
+import aiohttp
+import aiohttp.abc
+
+from . import process
+from .errors import BackendError
+
+
+class BackendRun:
+    """Everything that belongs to one start of libertem-server."""
+
+    def __init__(self, generation: int, port: int, token: str, tmpdir: str) -> None:
+        self.generation = generation
+        self.port = port
+        self.token = token
+        self.tmpdir = tmpdir
+        self.proc: process.OneShotProcess | None = None
+        self.exit_code: int | None = None
+        self.exited = asyncio.Event()
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.idle_watch: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class LoopbackResolver(aiohttp.abc.AbstractResolver):
+    """Resolves only ``127.0.0.1``, at once.
+
+    aiohttp's default resolver runs ``getaddrinfo`` in a thread for every new connection, even
+    for an IP literal; that thread hop showed up as milliseconds of time-to-first-byte. The
+    backend's address is fixed, so there is nothing to resolve - and nothing else may be.
+    """
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        if host != "127.0.0.1":
+            raise OSError(f"libertem-jupyter-proxy only connects to 127.0.0.1, not {host!r}")
+        return [
+            {
+                "hostname": host,
+                "host": host,
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+def free_port() -> int:
+    """A port that was free a moment ago; a lost race shows up as an early exit and is retried."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_run_dir() -> tuple[str, str, str]:
+    """A fresh 0700 directory with a fresh token in a 0600 file: (dir, token, token path)."""
+    try:
+        tmpdir = tempfile.mkdtemp(prefix="libertem-proxy-")  # mode 0700
+        token = secrets.token_urlsafe(32)
+        token_path = os.path.join(tmpdir, "token")
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+    except OSError as e:
+        raise BackendError(
+            "not-found",
+            f"Could not create the token directory for LiberTEM in {tempfile.gettempdir()}: "
+            f"{e.strerror or e}.",
+            hint="Check that the temporary directory exists, is writable and not full "
+            "(TMPDIR selects another one).",
+        ) from None
+    return tmpdir, token, token_path
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The pooled HTTP client of one run (it only ever talks to 127.0.0.1:<port>)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, resolver=LoopbackResolver()),
+        auto_decompress=False,
+        read_bufsize=1024 * 1024,  # fewer, larger reads on big downloads
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+    )
