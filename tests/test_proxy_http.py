@@ -325,3 +325,12 @@ async def test_event_stream_not_compressed_and_still_streamed(client):
     assert r.code == 200
     assert "Content-Encoding" not in r.headers
     assert arrivals and arrivals[0] < arrivals[-1] - 0.3
+
+
+@pytest.mark.proxy_config(read_timeout=0.5)
+async def test_no_total_timeout_on_slow_but_steady_download(client):
+    """The read timeout is an idle timeout: a download that keeps sending is never cut."""
+    size = 12 * 65536  # 12 chunks, 0.25 s apart: 3 s in all, far beyond read_timeout
+    r = await client.fetch(f"libertem/_fake/download?size={size}&pause=0.25")
+    assert r.code == 200
+    assert len(r.body) == size

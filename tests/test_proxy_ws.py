@@ -136,3 +136,21 @@ async def test_write_after_close_raises(client):
     ws.close()
     with pytest.raises(WebSocketClosedError):
         await ws.write_message("late")
+
+
+async def test_pings_answered(client):
+    """A browser's pings are answered by the proxy (the GUI itself sends none)."""
+    import aiohttp
+
+    cookie = await client.login()
+    url = f"ws://127.0.0.1:{client.port}{client.base_url}libertem/api/events/"
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(
+            url, headers={"Cookie": cookie, "Origin": client.origin}, autoping=False
+        ) as ws:
+            await ws.ping(b"are you there")
+            msg = await ws.receive(timeout=10)
+            assert msg.type is aiohttp.WSMsgType.PONG
+            assert msg.data == b"are you there"
+            await ws.send_str("still works")
+            assert (await ws.receive(timeout=10)).data == "still works"
