@@ -121,3 +121,29 @@ async def test_backend_death_mid_upload_gives_error(client, supervisor):
     # and the next request starts a new backend
     r = await client.fetch("libertem/api/config/")
     assert r.code == 200
+
+
+async def test_hundred_clients_abort_at_once(client, supervisor):
+    """100 browsers hang up mid-download at the same moment: every upstream transfer is
+    cancelled and nothing accumulates in the Jupyter process."""
+    cookie = await client.login()
+    await client.fetch("libertem/api/config/")
+    await asyncio.sleep(0.2)  # let the login's own connections settle before counting
+    fds_before = _fds()
+    tasks_before = len(asyncio.all_tasks())
+    aborted_before = (await client.json("libertem/_fake/pid"))["aborted"]["download"]
+    request = (
+        f"GET {client.base_url}libertem/_fake/download?size=1073741824 HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{client.port}\r\nCookie: {cookie}\r\n\r\n"
+    ).encode()
+    await asyncio.gather(*(_raw_request(client.port, request, read=64 * 1024) for _ in range(100)))
+    await _aborted(client, "download", aborted_before + 100)
+    for _ in range(250):
+        if _fds() <= fds_before + 2 and len(asyncio.all_tasks()) <= tasks_before + 2:
+            break
+        await asyncio.sleep(0.02)
+    assert _fds() <= fds_before + 2
+    assert len(asyncio.all_tasks()) <= tasks_before + 2
+    assert supervisor.requests_in_flight == 0
+    r = await client.fetch("libertem/api/config/")
+    assert r.code == 200
