@@ -135,6 +135,18 @@ class Client:
         assert self.cookie, f"no login cookie in {resp.headers}"
         return self.cookie
 
+    async def _credentials(self, auth: str) -> dict[str, str]:
+        """Headers that authenticate like a browser ("cookie"), a script ("token") or not at
+        all ("none")."""
+        if auth == "cookie":
+            if self.cookie is None:
+                await self.login()
+            assert self.cookie is not None
+            return {"Cookie": self.cookie}
+        if auth == "token":
+            return {"Authorization": f"token {TOKEN}"}
+        return {}
+
     async def fetch(
         self,
         path: str,
@@ -147,16 +159,9 @@ class Client:
     ) -> HTTPResponse:
         """``auth``: "cookie" (browser, sends a same-origin Origin on unsafe methods), "token"
         (script, Authorization header) or "none"."""
-        h: dict[str, str] = {}
-        if auth == "cookie":
-            if self.cookie is None:
-                await self.login()
-            assert self.cookie is not None
-            h["Cookie"] = self.cookie
-            if method not in ("GET", "HEAD"):
-                h["Origin"] = self.origin
-        elif auth == "token":
-            h["Authorization"] = f"token {TOKEN}"
+        h = await self._credentials(auth)
+        if auth == "cookie" and method not in ("GET", "HEAD"):
+            h["Origin"] = self.origin
         h.update(headers or {})
         h = {k: v for k, v in h.items() if v is not None}
         if body is None and method in ("POST", "PUT", "PATCH") and "body_producer" not in kwargs:
@@ -182,14 +187,7 @@ class Client:
         headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> WebSocketClientConnection:
-        h: dict[str, str] = {}
-        if auth == "cookie":
-            if self.cookie is None:
-                await self.login()
-            assert self.cookie is not None
-            h["Cookie"] = self.cookie
-        elif auth == "token":
-            h["Authorization"] = f"token {TOKEN}"
+        h = await self._credentials(auth)
         if origin == "same":
             h["Origin"] = self.origin
         elif origin is not None:
