@@ -5,7 +5,9 @@ The lookup order keeps users of libertem-jupyter-proxy 0.1.x working:
 1. ``c.LiberTEMProxy.command`` (a full command list) or ``c.LiberTEMProxy.libertem_server_path``;
 2. the JSON file ``<prefix>/etc/libertem_jupyter_proxy.json`` with key ``libertem_server_path``,
    where ``<prefix>`` is ``$LIBERTEM_ROOT`` if set, else ``sys.prefix``;
-3. ``libertem-server`` on ``PATH``.
+3. ``libertem-server`` on ``PATH``;
+4. ``libertem-server`` next to the Python that runs Jupyter (same environment, not activated:
+   ``/opt/venv/bin/jupyter lab`` started without ``/opt/venv/bin`` on ``PATH``).
 
 Every failure raises :class:`CommandError` whose message names exactly what was tried and where, so
 the error page can tell an admin which setting or file to fix.
@@ -151,13 +153,17 @@ def resolve_command(
         exe = _check_executable(value, f"'{CONFIG_KEY}' in {cfg}", tried)
         return ResolvedCommand([exe], str(cfg), tried)
     found = shutil.which(DEFAULT_EXECUTABLE)
-    if found is None:
-        tried.append(f"PATH: no '{DEFAULT_EXECUTABLE}' found")
-        raise CommandError(
-            "libertem-server was not found.",
-            tried,
-            "Install LiberTEM (pip install libertem) in this environment, or write "
-            f'{{"{CONFIG_KEY}": "/path/to/libertem-server"}} into {cfg}, or set '
-            "c.LiberTEMProxy.libertem_server_path.",
-        )
-    return ResolvedCommand([found], "PATH", tried)
+    if found is not None:
+        return ResolvedCommand([found], "PATH", tried)
+    tried.append(f"PATH: no '{DEFAULT_EXECUTABLE}' found")
+    beside = Path(sys.executable).parent / DEFAULT_EXECUTABLE
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return ResolvedCommand([str(beside)], "Jupyter's environment", tried)
+    tried.append(f"Jupyter's environment: no {beside}")
+    raise CommandError(
+        "libertem-server was not found.",
+        tried,
+        "Install LiberTEM (pip install libertem) in this environment, or write "
+        f'{{"{CONFIG_KEY}": "/path/to/libertem-server"}} into {cfg}, or set '
+        "c.LiberTEMProxy.libertem_server_path.",
+    )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,7 @@ async def test_stop_api_requires_xsrf_or_token(client, supervisor):
 
 async def test_not_found_page_names_what_was_tried(client, supervisor, jp_dirs, monkeypatch):
     monkeypatch.setenv("PATH", str(jp_dirs["home"]))
+    monkeypatch.setattr(sys, "executable", str(jp_dirs["home"] / "python"))  # not Jupyter's env
     supervisor.config.command = ()
     r = await client.fetch("libertem/", headers={"Accept": "text/html"})
     assert r.code == 502

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     bindir.mkdir()
     monkeypatch.setenv("PATH", str(bindir))
     monkeypatch.setenv("LIBERTEM_ROOT", str(tmp_path / "prefix"))
+    # the test environment has LiberTEM installed next to its Python: look elsewhere
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-env" / "python"))
     return {"LIBERTEM_ROOT": str(tmp_path / "prefix"), "bindir": str(bindir)}
 
 
@@ -275,3 +278,17 @@ class TestTraits:
         app = LiberTEMProxy()
         with pytest.raises(TraitError, match=r"LiberTEMProxy\.command"):
             app.command = ['["unterminated']
+
+
+def test_found_next_to_jupyters_python_when_not_on_path(tmp_path, monkeypatch):
+    """`/opt/venv/bin/jupyter lab` without an activated venv: same environment, not on PATH."""
+    import sys
+
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    exe = _exe(bindir / "libertem-server")
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    r = resolve_command((), "", {"LIBERTEM_ROOT": str(tmp_path / "prefix")})
+    assert r.argv == [str(exe)] and r.source == "Jupyter's environment"
+    assert any("PATH" in t for t in r.tried)

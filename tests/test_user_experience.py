@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 
 import pytest
 
@@ -80,6 +81,7 @@ async def test_failed_background_start_shows_error_not_new_start(client, supervi
 
 async def test_not_found_error_as_json_for_api(client, supervisor, jp_dirs, monkeypatch):
     monkeypatch.setenv("PATH", str(jp_dirs["home"]))
+    monkeypatch.setattr(sys, "executable", str(jp_dirs["home"] / "python"))  # not Jupyter's env
     supervisor.config.command = ()
     r = await client.fetch("libertem/api/config/", headers={"Accept": "application/json"})
     assert r.code == 502
