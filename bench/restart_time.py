@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,13 +26,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from libertem_jupyter_proxy.backend_run import free_port
+
 TOKEN = "bench-restart-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _req(url: str, method: str = "GET", accept: str = "application/json") -> tuple[int, bytes]:
@@ -54,7 +49,7 @@ def main() -> None:
     if shutil.which("libertem-server") is None:
         sys.exit("libertem-server is not on PATH (pip install libertem)")
     tmp = Path(tempfile.mkdtemp(prefix="ljp-bench-"))
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         JUPYTER_CONFIG_DIR=str(tmp),

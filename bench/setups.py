@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from libertem_jupyter_proxy.backend_run import free_port
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -49,12 +49,6 @@ OTHER_EXTENSIONS = (
     "jupyter_server_proxy",
     "libertem_jupyter_proxy",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

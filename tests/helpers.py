@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import pytest
@@ -47,3 +48,10 @@ def save_screenshot(page: Any, name: str, **kwargs: Any) -> None:
     if target:
         os.makedirs(target, exist_ok=True)
         page.screenshot(path=os.path.join(target, f"{name}.png"), **kwargs)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

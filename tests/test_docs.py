@@ -23,7 +23,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import missing
+from .helpers import free_port, missing
 
 pytestmark = [pytest.mark.docs]
 
@@ -505,12 +504,6 @@ def test_snippet(name: str, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ live server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -566,7 +559,7 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         JUPYTER_PLATFORM_DIRS="0",
         TMPDIR=str(dirs["tmp"]),
     )
-    port = _free_port()
+    port = free_port()
     argv = [
         sys.executable,
         "-m",
@@ -653,7 +646,7 @@ def _apache_in_front(server: LiveServer, tmp_path: Path) -> None:
 
     root = tmp_path / "apache"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     site = root / "jupyterhub.conf"
     site.write_text(
         _snippet("apache-jupyterhub.conf")

@@ -21,15 +21,11 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
+from .helpers import free_port
+
 FAKE = Path(__file__).with_name("fake_libertem_server.py")
 TOKEN = "s3cret-token"
 DEADLINE = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Fake:

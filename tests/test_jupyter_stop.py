@@ -11,7 +11,6 @@ import json
 import os
 import pty
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import FAKE_SERVER, OTHER_EXTENSIONS, TOKEN, process_alive
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .helpers import free_port
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -41,7 +35,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 class JupyterProcess:
     def __init__(self, tmp_path: Path, extra_env: dict[str, str], tty: bool = False) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/user/alice/"
         for d in ("home", "config", "data", "runtime", "root", "tmp"):
             (tmp_path / d).mkdir(exist_ok=True)

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import CHROMIUM, CHROMIUM_ARGS, missing
+from ..helpers import CHROMIUM, CHROMIUM_ARGS, free_port, missing
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SERVER = REPO / "tests" / "fake_libertem_server.py"
@@ -78,12 +77,6 @@ class JupyterProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(server: JupyterProcess) -> None:
@@ -162,7 +155,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
         )
         # LIBERTEM_FAKE_* variables reach the fake backend through Jupyter's environment
         env.update(env_overrides or {})
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, str(FAKE_SERVER)]
         argv = [
             sys.executable,

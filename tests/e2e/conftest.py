@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ..helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(os.environ.get("E2E_DIR", REPO / ".e2e"))
@@ -158,12 +159,6 @@ def _require_setup() -> None:
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _read(path: str) -> bytes:
