@@ -29,6 +29,7 @@ class BackendRun:
         self.token = token
         self.tmpdir = tmpdir
         self.proc: process.OneShotProcess | None = None
+        self.guard: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
         self.exited = asyncio.Event()
         self.started_at = time.monotonic()

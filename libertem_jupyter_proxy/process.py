@@ -21,15 +21,35 @@ from typing import Any
 
 from simpervisor import SupervisedProcess
 
+from . import guard
+from .guard import group_members
+
+__all__ = [
+    "OneShotProcess",
+    "group_members",
+    "kill_group",
+    "kill_group_now",
+    "retire_guard",
+    "signal_group",
+    "spawn",
+    "spawn_guard",
+]
+
 _PR_SET_PDEATHSIG = 1
 
 
-def _set_parent_death_signal() -> None:
-    """In the child before exec: get SIGTERM when Jupyter dies, even by SIGKILL (Linux only).
+def _child_setup() -> None:
+    """In the child before exec: its own process group, and SIGTERM when Jupyter dies.
 
-    Without this, a Jupyter server killed with SIGKILL (OOM killer, ``kill -9`` by a batch
-    system) leaves libertem-server and its dask workers running with nobody to stop them.
+    A new process group (not a new session, as before 0.2) lets us signal libertem-server and
+    its dask workers as one, and lets the :mod:`.guard` join that group: a process can only
+    join a group of its own session.
+
+    The parent-death signal (Linux only) reaches libertem-server even when Jupyter is killed
+    with SIGKILL (OOM killer, ``kill -9`` by a batch system); the guard covers the processes
+    it does not reach (a wrapper script's children, workers).
     """
+    os.setpgid(0, 0)
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -87,7 +107,7 @@ async def spawn(
     cwd: str | None,
     on_exit: Callable[[int], None],
 ) -> OneShotProcess:
-    """Start ``argv`` in its own session (so we can signal its whole process group).
+    """Start ``argv`` in its own process group (so we can signal all of it at once).
 
     stdin is /dev/null (libertem-server asks a question on SIGINT when stdin is a tty); stdout
     and stderr are merged into one pipe because libertem-server logs to stderr.
@@ -101,13 +121,54 @@ async def spawn(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_set_parent_death_signal,
+        preexec_fn=_child_setup,
         limit=1024 * 1024,
     )
     with _preserve_signal_handlers():
         await proc.start()
     return proc
+
+
+async def spawn_guard(pgid: int, grace: float, rundir: str) -> asyncio.subprocess.Process:
+    """Start :mod:`.guard` in process group ``pgid``; it stops the group (and removes
+    ``rundir``) if Jupyter dies.
+
+    Its stdin is a pipe whose write end stays in this process only (pipes are created
+    non-inheritable and subprocesses close other fds), so the guard sees end-of-file exactly
+    when Jupyter's process is gone. Raises OSError (or SubprocessError) if the group has
+    already vanished; the caller decides how loud that is.
+    """
+
+    def join_group() -> None:
+        os.setpgid(0, pgid)
+
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",  # no user site, no PYTHON* variables, no script directory on sys.path
+        "-S",  # no site-packages: the guard needs only the standard library
+        guard.__file__,
+        str(pgid),
+        f"{grace:g}",
+        rundir,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd="/",  # hold no directory open (a user may want to unmount theirs)
+        preexec_fn=join_group,
+    )
+
+
+async def retire_guard(proc: asyncio.subprocess.Process) -> None:
+    """Reap a guard once its group is gone (it died with the group's SIGTERM, or it gets EOF
+    now and finds nothing left to stop)."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), _KILL_WAIT)
+    except asyncio.TimeoutError:  # pragma: no cover - it ignores nothing but SIGINT/SIGHUP
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -119,31 +180,6 @@ def signal_group(pgid: int, sig: int) -> bool:
     except PermissionError:  # pragma: no cover - a pid reused by another user
         return False
     return True
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group.
-
-    ``killpg(pgid, 0)`` is not enough: orphaned workers whose new parent does not reap them (a
-    container whose PID 1 is not an init) stay as zombies, which hold no resources but still
-    count as group members. On Linux we read /proc; elsewhere we fall back to the signal check.
-    """
-    if not os.path.isdir("/proc/self"):
-        return [pgid] if signal_group(pgid, 0) else []
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name may contain spaces and parentheses: parse after the last ')'
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
 
 
 _ESCALATION = (signal.SIGTERM, signal.SIGKILL)

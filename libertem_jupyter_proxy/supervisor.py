@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -385,8 +386,27 @@ class Supervisor:
             ) from None
         stdout = run.proc.proc._proc.stdout  # the asyncio.subprocess.Process inside simpervisor
         run.reader = asyncio.ensure_future(self._read_log(stdout))
+        await self._start_guard(run)
         run.session = backend_run.new_session()
         return run
+
+    async def _start_guard(self, run: BackendRun) -> None:
+        """Put a :mod:`.guard` into the run's process group, so no part of it outlives Jupyter.
+
+        Not fatal when it fails: the run still has its parent-death signal, and while Jupyter
+        lives every stop path kills the whole group anyway.
+        """
+        assert run.pid is not None
+        try:
+            run.guard = await process.spawn_guard(run.pid, self.config.term_timeout, run.tmpdir)
+        except (OSError, subprocess.SubprocessError) as e:
+            if not run.exited.is_set():  # an instant exit is reported by _wait_ready instead
+                self.log.warning(
+                    "Could not start the guard for LiberTEM's process group %d (%s); if Jupyter "
+                    "is killed with SIGKILL, LiberTEM's worker processes may outlive it.",
+                    run.pid,
+                    e,
+                )
 
     async def _read_log(self, stream: asyncio.StreamReader | None) -> None:
         if stream is None:
@@ -536,6 +556,9 @@ class Supervisor:
             await process.kill_group(run.pid, self.config.term_timeout, self.log)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(run.exited.wait(), 5.0)
+        if run.guard is not None:
+            await process.retire_guard(run.guard)
+            run.guard = None
         if run.reader is not None:
             await self._drain_log(run)
         if run.session is not None and not run.session.closed:

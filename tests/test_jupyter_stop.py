@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import FAKE_SERVER, OTHER_EXTENSIONS, TOKEN, process_alive
+from libertem_jupyter_proxy.guard import group_members
+
 from .helpers import free_port
 
 
@@ -34,7 +36,13 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 class JupyterProcess:
-    def __init__(self, tmp_path: Path, extra_env: dict[str, str], tty: bool = False) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        extra_env: dict[str, str],
+        tty: bool = False,
+        command: list[str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/user/alice/"
         for d in ("home", "config", "data", "runtime", "root", "tmp"):
@@ -56,7 +64,7 @@ class JupyterProcess:
             },
             "IdentityProvider": {"token": TOKEN},
             "LiberTEMProxy": {
-                "command": [sys.executable, str(FAKE_SERVER)],
+                "command": command or [sys.executable, str(FAKE_SERVER)],
                 "extra_env": extra_env,
                 "stop_timeout": 3.0,
             },
@@ -170,14 +178,39 @@ def test_stopping_jupyter_stops_everything(jupyter, how):
         assert "received signal 15, stopping" in log
 
 
-def test_jupyter_sigkill_takes_libertem_down(jupyter):
-    """Parent-death signal: libertem-server gets SIGTERM when Jupyter dies without cleanup."""
-    pid, workers, _tmpdir = _backend(jupyter)
-    jupyter.proc.send_signal(signal.SIGKILL)
-    jupyter.proc.wait(timeout=10)
-    _wait(lambda: not process_alive(pid), 10, "libertem-server to exit after Jupyter's SIGKILL")
-    # Real LiberTEM workers exit by themselves within ~40 ms of their parent; the fake's are
-    # built to outlive it, and nobody is left to kill them after a SIGKILL: clean up here.
-    for w in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(w, signal.SIGKILL)
+def _wrapper_without_exec(tmp_path: Path) -> list[str]:
+    """A site wrapper like ``module load ...; libertem-server "$@"``: the shell stays the parent,
+    so the parent-death signal reaches the shell, not libertem-server."""
+    script = tmp_path / "libertem-wrapper.sh"
+    script.write_text(f'#!/bin/sh\n"{sys.executable}" "{FAKE_SERVER}" "$@"\necho wrapper done\n')
+    script.chmod(0o755)
+    return [str(script)]
+
+
+@pytest.mark.parametrize("launch", ["direct", "wrapper script without exec"])
+def test_jupyter_sigkill_leaves_nothing(tmp_path: Path, launch: str) -> None:
+    """Jupyter killed with SIGKILL (no cleanup code of its own runs): the guard in LiberTEM's
+    process group still takes libertem-server, its workers and its token directory down."""
+    command = _wrapper_without_exec(tmp_path) if launch != "direct" else None
+    j = JupyterProcess(tmp_path, {"LIBERTEM_FAKE_WORKERS": "2"}, command=command)
+    pgid = None
+    try:
+        pid, workers, tmpdir = _backend(j)
+        pgid = os.getpgid(pid)
+        members = group_members(pgid)
+        assert pid in members and all(w in members for w in workers), (members, pid, workers)
+        if launch != "direct":
+            assert pgid != pid, "the wrapper shell should lead the group"
+        guards = [m for m in members if m not in (pid, pgid, *workers)]
+        assert len(guards) == 1, members
+        j.proc.send_signal(signal.SIGKILL)
+        j.proc.wait(timeout=10)
+        # the workers ignore their parent's death on purpose (real dask workers do not)
+        _wait(lambda: not group_members(pgid), 15, f"process group {pgid} to be empty")
+        assert not tmpdir.exists(), "token directory left behind"
+        assert list(j.tmp.iterdir()) == [], list(j.tmp.iterdir())
+    finally:
+        j.close()
+        if pgid is not None and group_members(pgid):  # the test failed: do not leak
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
