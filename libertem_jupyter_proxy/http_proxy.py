@@ -7,9 +7,11 @@ import contextlib
 
 import aiohttp
 from tornado import httputil, web
-from tornado.iostream import StreamClosedError
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import SSLIOStream, StreamClosedError
 from yarl import URL
 
+from . import splice
 from .backend_run import BackendRun
 from .base import ProxyHandlerBase
 from .body_pipe import BodyPipe
@@ -239,7 +241,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             else:
                 await self._stream_body(resp, gzip)
             self.finish()
-        except StreamClosedError:
+        except (StreamClosedError, splice.BrowserGone):
             return  # the browser went away; leaving the context closes the upstream connection
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as e:
             # the backend died mid-body: the browser must see a broken response, not a short one
@@ -253,6 +255,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         One flush may be in flight while the next chunk is read from the backend: that keeps
         both sockets busy, and still bounds what we buffer to about two chunks.
         """
+        if gzip is None and await self._splice_body(resp):
+            return
         pending: asyncio.Future[None] | None = None
         async for chunk in resp.content.iter_any():
             if pending is not None:
@@ -263,6 +267,51 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.write(gzip.finish())
         if pending is not None:
             await pending
+
+    def _splice_fds(self, resp: aiohttp.ClientResponse) -> tuple[int, int, int] | None:
+        """(backend fd, browser fd, body length) if this body can go through :mod:`.splice`."""
+        if not splice.AVAILABLE or "Transfer-Encoding" in resp.headers:
+            return None
+        length = resp.headers.get("Content-Length", "")
+        conn = self.request.connection
+        if not length.isdigit() or not isinstance(conn, HTTP1Connection):
+            return None
+        stream = conn.stream
+        upstream = resp.connection
+        if isinstance(stream, SSLIOStream) or upstream is None or upstream.transport is None:
+            return None
+        sock = upstream.transport.get_extra_info("socket")
+        if sock is None or upstream.transport.get_extra_info("sslcontext") is not None:
+            return None
+        return sock.fileno(), stream.socket.fileno(), int(length)
+
+    async def _splice_body(self, resp: aiohttp.ClientResponse) -> bool:
+        """Send the body with ``splice(2)`` if possible; False if the caller must stream it.
+
+        aiohttp has already read some of the body along with the headers: that part goes out
+        through tornado first. Then aiohttp stops reading the socket (its parser is bypassed,
+        so the upstream connection is closed afterwards, not pooled), and the rest moves from
+        socket to socket in the kernel. tornado counts what it sends against Content-Length;
+        the spliced bytes are accounted for by hand so that keep-alive to the browser works.
+        """
+        fds = self._splice_fds(resp)
+        if fds is None:
+            return False
+        src, dst, length = fds
+        conn = self.request.connection
+        assert isinstance(conn, HTTP1Connection) and resp.connection is not None
+        head = resp.content.read_nowait(-1)
+        resp.connection.protocol.pause_reading()  # type: ignore[union-attr]
+        rest = length - resp.content.total_bytes
+        if head:
+            self.write(head)
+        await self.flush()  # the headers and the head of the body; tornado's buffer is empty
+        if rest > 0:
+            await splice.relay(
+                src, dst, rest, self.proxy_settings.read_timeout, lambda: self._client_gone
+            )
+            conn._expected_content_remaining = 0  # the spliced bytes, which tornado did not see
+        return True
 
     def _gzip_for(self, resp: aiohttp.ClientResponse) -> GzipStream | None:
         """Set up compression of this response if the browser takes gzip and it is text."""

@@ -1,0 +1,141 @@
+"""The zero-copy download path: exact bytes, keep-alive after it, and every way it can break."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+
+import pytest
+
+from libertem_jupyter_proxy import splice
+
+from .fake_libertem_server import pattern_bytes
+
+pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="os.splice is Linux-only")
+
+MiB = 1024 * 1024
+
+
+async def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of non-blocking loopback TCP sockets (splice needs real sockets)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(server.getsockname())
+    b, _ = server.accept()
+    server.close()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+async def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    parts = []
+    while n:
+        data = await loop.sock_recv(sock, min(n, MiB))
+        if not data:
+            break
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+async def test_relay_moves_exactly_count_bytes() -> None:
+    """Bytes past ``count`` (the next response on a keep-alive connection) stay unread."""
+    up_w, up_r = await _tcp_pair()
+    down_w, down_r = await _tcp_pair()
+    loop = asyncio.get_running_loop()
+    body = pattern_bytes(0, 5 * MiB + 3)
+    sender = asyncio.ensure_future(loop.sock_sendall(up_w, body + b"NEXT"))
+    received = asyncio.ensure_future(_read_exactly(down_r, len(body)))
+    await splice.relay(up_r.fileno(), down_w.fileno(), len(body), idle_timeout=10)
+    await sender
+    assert hashlib.sha256(await received).digest() == hashlib.sha256(body).digest()
+    assert await loop.sock_recv(up_r, 16) == b"NEXT"
+    for s in (up_w, up_r, down_w, down_r):
+        s.close()
+
+
+async def test_relay_reports_backend_closing_early() -> None:
+    up_w, up_r = await _tcp_pair()
+    down_w, down_r = await _tcp_pair()
+    up_w.sendall(b"x" * 1000)
+    up_w.close()
+    with pytest.raises(splice.BackendClosed, match="closed the connection"):
+        await splice.relay(up_r.fileno(), down_w.fileno(), 5000, idle_timeout=10)
+    for s in (up_r, down_w, down_r):
+        s.close()
+
+
+async def test_relay_reports_browser_gone() -> None:
+    up_w, up_r = await _tcp_pair()
+    down_w, down_r = await _tcp_pair()
+    down_r.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    down_r.close()  # with linger 0: a reset, like a browser tab that was closed
+    sender = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(up_w, b"y" * (8 * MiB)))
+    with pytest.raises(splice.BrowserGone):
+        await splice.relay(up_r.fileno(), down_w.fileno(), 8 * MiB, idle_timeout=10)
+    up_w.close()
+    sender.cancel()
+    for s in (up_r, down_w):
+        s.close()
+
+
+async def test_relay_idle_timeout_and_no_fd_left() -> None:
+    up_w, up_r = await _tcp_pair()
+    down_w, down_r = await _tcp_pair()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(TimeoutError, match="no progress"):
+        await splice.relay(up_r.fileno(), down_w.fileno(), 10, idle_timeout=0.2)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the dups and the pipe are closed
+    for s in (up_w, up_r, down_w, down_r):
+        s.close()
+
+
+async def test_download_goes_through_splice_and_keeps_alive(client, monkeypatch) -> None:
+    """Two downloads on one browser connection: the first is spliced, and tornado's
+    Content-Length accounting is right, so the second request is served on the same socket."""
+    used: list[int] = []
+    real = splice.relay
+
+    async def counting(src, dst, count, *args, **kwargs):  # a spy; the real relay runs
+        used.append(count)
+        await real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(splice, "relay", counting)
+    cookie = await client.login()
+    await client.fetch("libertem/api/config/")
+    sizes = (8 * MiB + 5, 3 * MiB)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        for size in sizes:
+            writer.write(
+                (
+                    f"GET {client.base_url}libertem/_fake/download?size={size} HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{client.port}\r\nCookie: {cookie}\r\n\r\n"
+                ).encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert f"content-length: {size}\r\n".encode() in head.lower(), head
+            body = await reader.readexactly(size)
+            assert body == pattern_bytes(0, size)
+    finally:
+        writer.close()
+    assert len(used) == 2 and all(0 < n <= s for n, s in zip(used, sizes, strict=True)), used
+
+
+async def test_compressed_and_small_bodies_are_not_spliced(client, monkeypatch) -> None:
+    used: list[int] = []
+
+    async def refuse(*args, **kwargs):
+        used.append(1)
+        raise AssertionError("must not be spliced")
+
+    monkeypatch.setattr(splice, "relay", refuse)
+    r = await client.fetch("libertem/_fake/text?size=300000", headers={"Accept-Encoding": "gzip"})
+    assert r.code == 200 and len(r.body) == 300000
+    r = await client.fetch("libertem/_fake/download?size=1000")
+    assert r.code == 200 and r.body == pattern_bytes(0, 1000)
+    assert used == []
