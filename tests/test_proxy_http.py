@@ -334,3 +334,36 @@ async def test_no_total_timeout_on_slow_but_steady_download(client):
     r = await client.fetch(f"libertem/_fake/download?size={size}&pause=0.25")
     assert r.code == 200
     assert len(r.body) == size
+
+
+async def test_access_log_lines_for_proxied_requests(client, serverapp):
+    """Skipping the formatting of dropped debug lines must not drop any line that is shown:
+    successes appear at debug level, errors at warning level whatever the level."""
+    import logging
+
+    from jupyter_server.base.handlers import log as jupyter_log
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = jupyter_log()
+    keep = Keep(level=logging.DEBUG)
+    old_level = logger.level
+    logger.addHandler(keep)
+    try:
+        logger.setLevel(logging.INFO)
+        await client.fetch("libertem/api/config/")
+        r = await client.fetch("libertem/_fake/status/404")
+        assert r.code == 404
+        logger.setLevel(logging.DEBUG)
+        await client.fetch("libertem/api/config/?second")
+    finally:
+        logger.setLevel(old_level)
+        logger.removeHandler(keep)
+    lines = [(r.levelno, r.getMessage()) for r in records if "libertem/" in r.getMessage()]
+    assert any(lvl == logging.WARNING and "404 GET" in m and "status/404" in m for lvl, m in lines)
+    assert any(lvl == logging.DEBUG and "200 GET" in m and "?second" in m for lvl, m in lines)
+    assert not any("200 GET" in m and "config/ (" in m for _, m in lines), lines
