@@ -73,3 +73,21 @@ def test_wheel_contents(tmp_path: Path):
     assert not any("jupyter-server-proxy" in r or "jupyter_server_proxy" in r for r in requires)
     for dep in ("jupyter-server", "tornado", "simpervisor", "aiohttp"):
         assert any(dep in r.replace("_", "-") for r in requires), (dep, requires)
+
+
+def _npm_version(python_version: str) -> str:
+    """PEP 440 to the npm semver that the labextension uses: ``0.2.0.dev0`` -> ``0.2.0-dev.0``,
+    ``0.2.0rc1`` -> ``0.2.0-rc.1``, ``0.2.0`` -> ``0.2.0``."""
+    m = re.fullmatch(r"(\d+\.\d+\.\d+)(?:\.?(dev|a|b|rc)(\d+))?", python_version)
+    assert m, f"unexpected version {python_version!r}"
+    release, tag, n = m.groups()
+    names = {"dev": "dev", "a": "alpha", "b": "beta", "rc": "rc"}
+    return release if tag is None else f"{release}-{names[tag]}.{n}"
+
+
+def test_labextension_version_matches_python_version():
+    """The two versions are kept in step by hand; this catches a release that forgets one."""
+    import json
+
+    package = json.loads((REPO / "labextension" / "package.json").read_text())
+    assert package["version"] == _npm_version(__version__), (package["version"], __version__)
