@@ -285,6 +285,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         """(backend fd, browser fd, body length) if this body can go through :mod:`.splice`."""
         if not splice.AVAILABLE or "Transfer-Encoding" in resp.headers:
             return None
+        if resp.status < 200 or resp.status in (204, 304) or resp.content.is_eof():
+            return None  # no body follows (whatever Content-Length says), or it is all here
         length = resp.headers.get("Content-Length", "")
         conn = self.request.connection
         if not length.isdigit() or not isinstance(conn, HTTP1Connection):

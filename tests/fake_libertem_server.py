@@ -498,6 +498,27 @@ class StatusHandler(BaseHandler):
     get = post = put = patch = delete = any_method
 
 
+_HELD: list[object] = []
+
+
+class NotModifiedHandler(BaseHandler):
+    """``/_fake/not-modified?length=N``: a 304 that carries the full representation's
+    Content-Length (allowed by RFC 9110 15.4.5, refused by tornado's own writer), so it is
+    written raw. No body follows; a proxy that waits for N bytes hangs."""
+
+    async def get(self) -> None:
+        length = int(self.get_query_argument("length", "10000000"))
+        stream = self.request.connection.detach()  # type: ignore[attr-defined]
+        await stream.write(
+            f"HTTP/1.1 304 Not Modified\r\nContent-Length: {length}\r\n"
+            'ETag: "fake"\r\nConnection: close\r\n\r\n'.encode()
+        )
+        # the socket stays open a while (a server's lingering close): a client that wrongly
+        # waits for the body waits, instead of seeing an early end-of-file
+        _HELD.append(stream)
+        self._finished = True  # the connection is ours now: tornado must not write a response
+
+
 class SlowHandler(BaseHandler):
     async def get(self) -> None:
         seconds = float(self.get_query_argument("seconds", "1"))
@@ -604,6 +625,7 @@ def make_app(state: FakeState) -> tornado.web.Application:
             (r"/_fake/sse", SSEHandler, kw),
             (r"/_fake/redirect", RedirectHandler, kw),
             (r"/_fake/status/([0-9]+)", StatusHandler, kw),
+            (r"/_fake/not-modified", NotModifiedHandler, kw),
             (r"/_fake/slow", SlowHandler, kw),
             (r"/_fake/pid", PidHandler, kw),
         ],

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FAKE_SERVER, OTHER_EXTENSIONS, TOKEN, process_alive
 from libertem_jupyter_proxy.guard import group_members
 
+from .conftest import FAKE_SERVER, OTHER_EXTENSIONS, TOKEN, process_alive
 from .helpers import free_port
 
 

@@ -139,3 +139,24 @@ async def test_compressed_and_small_bodies_are_not_spliced(client, monkeypatch) 
     r = await client.fetch("libertem/_fake/download?size=1000")
     assert r.code == 200 and r.body == pattern_bytes(0, 1000)
     assert used == []
+
+
+async def test_not_modified_with_content_length_is_not_awaited(client) -> None:
+    """A 304 may state the full body's length; no body follows, so nothing may wait for it:
+    the next request on the same keep-alive connection is answered at once."""
+    cookie = await client.login()
+    await client.fetch("libertem/api/config/")
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        for path in ("_fake/not-modified?length=10000000", "api/config/"):
+            writer.write(
+                (
+                    f"GET {client.base_url}libertem/{path} HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{client.port}\r\nCookie: {cookie}\r\n\r\n"
+                ).encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            status = head.split(b" ", 2)[1]
+            assert status == (b"304" if "not-modified" in path else b"200"), head
+    finally:
+        writer.close()
