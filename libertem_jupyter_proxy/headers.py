@@ -47,7 +47,10 @@ _DROP_UPSTREAM = frozenset(
     }
 )
 
-# Websocket handshake headers that the client library (aiohttp) writes itself.
+# Websocket handshake headers that ws_proxy.upgrade_request writes itself (key, version,
+# protocols), or never forwards: no extensions (frames are relayed as they are, so nothing may
+# be negotiated that the bridge does not see) and no Origin (it was checked against Jupyter's
+# rule; libertem-server would compare it with its own 127.0.0.1 address).
 WS_HANDSHAKE = frozenset(
     {
         "origin",
