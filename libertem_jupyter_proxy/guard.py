@@ -62,17 +62,23 @@ def _others(pgid: int) -> list[int]:
     return [p for p in group_members(pgid) if p != me]
 
 
-def _take_group_down(pgid: int, grace: float) -> None:
-    """SIGTERM to the group, then SIGKILL to whatever is still alive after ``grace`` seconds."""
+def stop_group(pgid: int, grace: float) -> None:
+    """SIGTERM to the group, then SIGKILL to whatever is still alive after ``grace`` seconds.
+
+    Used by the guard (a member of the group, which must outlive its own signals long enough
+    to clean up) and by Jupyter's ``atexit`` last resort (not a member), hence the exclusion
+    of the calling process and SIGKILL per member rather than to the whole group.
+    """
+    if not _others(pgid):
+        return
     try:
-        os.killpg(pgid, signal.SIGTERM)  # we ignore SIGTERM ourselves until the end
+        os.killpg(pgid, signal.SIGTERM)  # the guard ignores SIGTERM by now
     except OSError:
         return
     deadline = time.monotonic() + grace
     while _others(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the members are not our children: there is nothing to wait on
-    # SIGKILL to the whole group would end this process too, before it can clean up; repeat
-    # in case a member forked meanwhile
+        time.sleep(0.02)  # the members are not our children: there is nothing to wait on
+    # repeat in case a member forked meanwhile
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         others = _others(pgid)
@@ -83,7 +89,7 @@ def _take_group_down(pgid: int, grace: float) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def main(argv: list[str]) -> int:
@@ -103,7 +109,7 @@ def main(argv: list[str]) -> int:
         if not data:
             break
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _take_group_down(pgid, grace)
+    stop_group(pgid, grace)
     shutil.rmtree(rundir, ignore_errors=True)
     return 0
 

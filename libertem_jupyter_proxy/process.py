@@ -204,11 +204,5 @@ async def kill_group(pgid: int, term_timeout: float, log: Any = None) -> None:
 
 
 def kill_group_now(pgid: int, term_timeout: float) -> None:
-    """:func:`kill_group` without an event loop (for ``atexit``)."""
-    for sig, wait in zip(_ESCALATION, (term_timeout, _KILL_WAIT), strict=True):
-        if not group_members(pgid):
-            return
-        signal_group(pgid, sig)
-        deadline = time.monotonic() + wait
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    """:func:`kill_group` without an event loop (for ``atexit``): the guard's own routine."""
+    guard.stop_group(pgid, term_timeout)
