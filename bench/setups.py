@@ -295,8 +295,16 @@ def launch_jupyter(
     config = workdir / "jupyter_server_config.py"
     config.write_text(jupyter_config(kind, port, token, workdir / "root", workdir / "jsp-token"))
     python = sys.executable if kind == "ours" else str(jsp_python)
+    return spawn_jupyter(python, config, workdir, env), port, token
+
+
+def spawn_jupyter(
+    python: str, config: Path, workdir: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``jupyter server`` with ``config``, in its own session, logging to workdir/jupyter.log
+    (the child keeps the log open; our handle is closed at once)."""
     with open(workdir / "jupyter.log", "wb") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [python, "-m", "jupyter_server", f"--config={config}"],
             env=env,
             cwd=str(workdir / "root"),
@@ -305,7 +313,6 @@ def launch_jupyter(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return proc, port, token
 
 
 async def start_jupyter(

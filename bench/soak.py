@@ -32,7 +32,7 @@ import aiohttp
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from setups import BACKEND, base_env, free_port, make_workdir, wait_http
+from setups import BACKEND, base_env, free_port, make_workdir, spawn_jupyter, wait_http
 
 GRACE = 2.0  # seconds after a restart in which in-flight failures still count as expected
 
@@ -194,16 +194,7 @@ async def run(minutes: float, clients: int, interval: float) -> dict:
     token = "soak-" + os.urandom(8).hex()
     config = write_config(workdir, port, token)
     env = base_env(workdir, None)
-    log = open(workdir / "jupyter.log", "wb")  # noqa: ASYNC230 - once, closed in finally
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any traffic
-        [sys.executable, "-m", "jupyter_server", f"--config={config}"],
-        env=env,
-        cwd=str(workdir / "root"),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = spawn_jupyter(sys.executable, config, workdir, env)  # once, before any traffic
     base = f"http://127.0.0.1:{port}/"
     headers = {"Authorization": f"token {token}"}
     tally = Tally()
@@ -261,7 +252,6 @@ async def run(minutes: float, clients: int, interval: float) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 def main() -> None:

@@ -168,6 +168,11 @@ async def download(target: Target, size: int, chunk: int = 256 * 1024) -> Sample
                 got += len(data)
     if got != size:
         raise BadStatus(f"short body: {got} of {size}")
+    return _transfer_sample(meter, size)
+
+
+def _transfer_sample(meter: Meter, size: int) -> Sample:
+    """Throughput, RSS growth and CPU per GiB of one ``size``-byte download or upload."""
     m = meter.result
     return {
         "mib_s": size / MiB / m["elapsed"],
@@ -201,13 +206,7 @@ async def upload(target: Target, size: int, chunk: int = 1 * MiB) -> Sample:
             answer = await r.json(content_type=None)
     if answer.get("length") != size:
         raise BadStatus(f"backend got {answer.get('length')} of {size} bytes")
-    m = meter.result
-    return {
-        "mib_s": size / MiB / m["elapsed"],
-        "rss_growth_mib": m["rss_growth_mib"],
-        "jup_cpu_s_per_gib": per_gib(m["jup_cpu"], size),
-        "be_cpu_s_per_gib": per_gib(m["be_cpu"], size),
-    }
+    return _transfer_sample(meter, size)
 
 
 async def ttfb(target: Target, size: int) -> Sample:
