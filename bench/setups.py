@@ -62,6 +62,7 @@ class Target:
     direct_backend: psutil.Process | None = None
     popen: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
+    program: Path = BACKEND  # the backend program this target runs
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -77,7 +78,7 @@ class Target:
         with contextlib.suppress(psutil.Error):
             for child in self.jupyter.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    if str(BACKEND) in " ".join(child.cmdline()):
+                    if str(self.program) in " ".join(child.cmdline()):
                         return child
         return None
 
@@ -182,10 +183,10 @@ def base_env(workdir: Path, client_dir: Path | None) -> dict[str, str]:
 # ---------------------------------------------------------------- direct
 
 
-def backend_argv(port: int, token_path: Path) -> list[str]:
+def backend_argv(port: int, token_path: Path, program: Path = BACKEND) -> list[str]:
     return [
         sys.executable,
-        str(BACKEND),
+        str(program),
         "--no-browser",
         "--host=127.0.0.1",
         f"--port={port}",
@@ -211,7 +212,7 @@ async def wait_http(url: str, headers: dict[str, str], timeout: float, interval:
 
 
 def spawn_backend(
-    workdir: Path, client_dir: Path | None
+    workdir: Path, client_dir: Path | None, program: Path = BACKEND
 ) -> tuple[subprocess.Popen[bytes], int, str]:
     """Start the backend like the proxy would: free port, token file, stdin not a tty."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def spawn_backend(
     # when a proxy reads its stderr through a pipe
     with open(workdir / f"backend-{port}.log", "wb") as log:
         proc = subprocess.Popen(
-            [*backend_argv(port, token_path), f"--local-directory={workdir / 'dask'}"],
+            [*backend_argv(port, token_path, program), f"--local-directory={workdir / 'dask'}"],
             env=base_env(workdir, client_dir),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -233,18 +234,35 @@ def spawn_backend(
     return proc, port, token
 
 
-async def start_direct(workdir: Path, client_dir: Path | None) -> Target:
-    proc, port, token = spawn_backend(workdir, client_dir)
+async def start_direct(
+    workdir: Path, client_dir: Path | None, program: Path = BACKEND
+) -> Target:
+    proc, port, token = spawn_backend(workdir, client_dir, program)
     headers = {"X-Api-Key": token}
     base = f"http://127.0.0.1:{port}/"
     await wait_http(base + "api/config/", headers, 30, 0.02)
-    return Target("direct", base, headers, direct_backend=psutil.Process(proc.pid), popen=proc)
+    return Target(
+        "direct",
+        base,
+        headers,
+        direct_backend=psutil.Process(proc.pid),
+        popen=proc,
+        program=program,
+    )
 
 
 # ---------------------------------------------------------------- Jupyter
 
 
-def jupyter_config(kind: str, port: int, token: str, root: Path, jsp_token_file: Path) -> str:
+def jupyter_config(
+    kind: str,
+    port: int,
+    token: str,
+    root: Path,
+    jsp_token_file: Path,
+    program: Path = BACKEND,
+    extra_lines: tuple[str, ...] = (),
+) -> str:
     """The ``jupyter_server_config.py`` for ``ours`` or ``jsp``."""
     extensions = {name: False for name in OTHER_EXTENSIONS}
     extensions["bench_probe"] = True
@@ -259,7 +277,7 @@ def jupyter_config(kind: str, port: int, token: str, root: Path, jsp_token_file:
     ]
     if kind == "ours":
         extensions["libertem_jupyter_proxy"] = True
-        lines.append(f"c.LiberTEMProxy.command = {[sys.executable, str(BACKEND)]!r}")
+        lines.append(f"c.LiberTEMProxy.command = {[sys.executable, str(program)]!r}")
     else:
         extensions["jupyter_server_proxy"] = True
         backend_token = secrets.token_urlsafe(32)
@@ -269,7 +287,7 @@ def jupyter_config(kind: str, port: int, token: str, root: Path, jsp_token_file:
                 # what libertem-jupyter-proxy 0.1.2 registered (see the peer reference)
                 "command": [
                     sys.executable,
-                    str(BACKEND),
+                    str(program),
                     "--no-browser",
                     "--port={port}",
                     f"--token-path={jsp_token_file}",
@@ -281,11 +299,17 @@ def jupyter_config(kind: str, port: int, token: str, root: Path, jsp_token_file:
         }
         lines.append(f"c.ServerProxy.servers = {servers!r}")
     lines.append(f"c.ServerApp.jpserver_extensions = {extensions!r}")
+    lines.extend(extra_lines)
     return "\n".join(lines) + "\n"
 
 
 def launch_jupyter(
-    kind: str, workdir: Path, client_dir: Path | None, jsp_python: Path | None
+    kind: str,
+    workdir: Path,
+    client_dir: Path | None,
+    jsp_python: Path | None,
+    program: Path = BACKEND,
+    extra_lines: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int, str]:
     """Write the config and start ``jupyter server``; returns (process, port, token)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +317,11 @@ def launch_jupyter(
     port = free_port()
     token = secrets.token_urlsafe(24)
     config = workdir / "jupyter_server_config.py"
-    config.write_text(jupyter_config(kind, port, token, workdir / "root", workdir / "jsp-token"))
+    config.write_text(
+        jupyter_config(
+            kind, port, token, workdir / "root", workdir / "jsp-token", program, extra_lines
+        )
+    )
     python = sys.executable if kind == "ours" else str(jsp_python)
     return spawn_jupyter(python, config, workdir, env), port, token
 
@@ -316,10 +344,17 @@ def spawn_jupyter(
 
 
 async def start_jupyter(
-    kind: str, workdir: Path, client_dir: Path | None, jsp_python: Path | None
+    kind: str,
+    workdir: Path,
+    client_dir: Path | None,
+    jsp_python: Path | None,
+    program: Path = BACKEND,
+    extra_lines: tuple[str, ...] = (),
 ) -> Target:
     """Start ``ours`` or ``jsp`` Jupyter and wait until its own API answers."""
-    proc, port, token = launch_jupyter(kind, workdir, client_dir, jsp_python)
+    proc, port, token = launch_jupyter(
+        kind, workdir, client_dir, jsp_python, program, extra_lines
+    )
     headers = {"Authorization": f"token {token}"}
     base_url = f"http://127.0.0.1:{port}/"
     try:
@@ -334,6 +369,7 @@ async def start_jupyter(
         jupyter=psutil.Process(proc.pid),
         popen=proc,
         workdir=workdir,
+        program=program,
         extra={"jupyter_base": base_url},
     )
 
