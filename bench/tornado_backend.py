@@ -151,11 +151,7 @@ def make_app() -> tornado.web.Application:
     )
 
 
-async def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    if args.token_path:
-        with open(args.token_path, encoding="utf-8") as f:
-            Token.value = f.read().strip()
+async def main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -170,4 +166,8 @@ async def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    cli = parse_args(sys.argv[1:])
+    if cli.token_path:
+        with open(cli.token_path, encoding="utf-8") as f:
+            Token.value = f.read().strip()
+    sys.exit(asyncio.run(main(cli)))
