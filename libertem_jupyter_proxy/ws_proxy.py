@@ -29,13 +29,14 @@ import json
 import mmap
 import re
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from jupyter_server.auth.decorator import ws_authenticated
 from tornado import httputil, web
-from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError, UnsatisfiableReadError
 
 from .base import ProxyHandlerBase
 from .errors import BackendError
@@ -338,6 +339,106 @@ class _Bridge:
         self.backend.abort()
 
 
+class _StreamBridge:
+    """The same relay on tornado IOStreams, for when a connection cannot be handed to asyncio.
+
+    That is the case under Jupyter's own TLS (``ServerApp.certfile``/``keyfile``): the browser's
+    connection is an ``SSLSocket`` whose TLS session lives in Python's ``ssl`` object, so it can
+    neither be duplicated (``socket.dup()`` raises ``NotImplementedError``) nor adopted by an
+    asyncio transport. One coroutine per direction reads what is there (at most
+    ``MAX_READ_SIZE``), passes on what the frame scanner allows and awaits the write before it
+    reads again: a side that stops reading stops the other side's reading, as with transports.
+    It costs a task step per chunk more than ``_Bridge``; the rules (sizes, 1009/1002, closing)
+    are the same.
+    """
+
+    def __init__(self, max_message_size: int, on_browser_message: Callable[[], None]) -> None:
+        self.max_message_size = max_message_size
+        self._on_browser_message = on_browser_message
+        self._scanners = {
+            True: FrameScanner(max_message_size=max_message_size, strict=True),
+            False: FrameScanner(max_message_size=max_message_size, strict=False),
+        }
+        self.refusing = False
+        self._streams: tuple[IOStream, IOStream] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def start(self, browser: IOStream, backend: IOStream) -> None:
+        self._streams = (browser, backend)
+        for stream in (browser, backend):
+            stream.set_nodelay(True)
+        self._tasks = [
+            asyncio.ensure_future(self._pump(browser, backend, from_browser=True)),
+            asyncio.ensure_future(self._pump(backend, browser, from_browser=False)),
+        ]
+        done = asyncio.gather(*self._tasks, return_exceptions=True)
+        done.add_done_callback(lambda _: self.finished.done() or self.finished.set_result(None))
+
+    async def _pump(self, src: IOStream, dst: IOStream, *, from_browser: bool) -> None:
+        scanner = self._scanners[from_browser]
+        held = b""
+        messages = 0
+        try:
+            while not self.refusing:
+                chunk = await src.read_bytes(MAX_READ_SIZE, partial=True)
+                data = held + chunk if held else chunk
+                ready = scanner.feed(data, len(data))
+                if ready and not self.refusing:
+                    await dst.write(data if ready == len(data) else data[:ready])
+                if scanner.error is not None:
+                    await self._refuse(scanner.error, from_browser)
+                    return
+                held = data[ready:]
+                if from_browser and scanner.messages != messages:
+                    messages = scanner.messages
+                    self._on_browser_message()
+        except StreamClosedError:
+            pass
+        finally:
+            if not self.refusing:
+                dst.close()  # the peer is gone: so is the other side (writes were awaited)
+                src.close()
+
+    async def _refuse(self, error: tuple[int, str], from_browser: bool) -> None:
+        """Our own close frame to each side at a frame boundary (see ``_Bridge.refuse``)."""
+        self.refusing = True
+        assert self._streams is not None
+        browser, backend = self._streams
+        code, reason = error
+        if code == CLOSE_TOO_BIG:
+            sender = "browser" if from_browser else "LiberTEM"
+            reason = f"message from {sender} larger than {self.max_message_size} bytes"
+
+        async def close_one(stream: IOStream, boundary: bool, masked: bool) -> None:
+            try:
+                if boundary and not stream.closed():
+                    frame = close_frame(code, reason, masked=masked)
+                    await asyncio.wait_for(stream.write(frame), CLOSE_FLUSH_TIMEOUT)
+            except (StreamClosedError, asyncio.TimeoutError):
+                pass
+            finally:
+                stream.close()
+
+        # a side gets our frame only if what it received so far ends with a whole frame
+        await asyncio.gather(
+            close_one(browser, self._scanners[False].at_frame_boundary, masked=False),
+            close_one(backend, self._scanners[True].at_frame_boundary, masked=True),
+        )
+
+    def abort(self) -> None:
+        if self._streams is not None:
+            for stream in self._streams:
+                stream.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+def _can_take_over(stream: IOStream) -> bool:
+    """Whether the connection is a plain socket asyncio can own (not TLS inside Python)."""
+    return not isinstance(stream, SSLIOStream) and not isinstance(stream.socket, ssl.SSLSocket)
+
+
 class WebSocketProxyHandler(ProxyHandlerBase):
     """Bridges a browser websocket to the same path on libertem-server (see the module doc)."""
 
@@ -425,7 +526,11 @@ class WebSocketProxyHandler(ProxyHandlerBase):
             return
         self.set_status(101)  # for Jupyter's request log
         self.application.log_request(self)
-        bridge = _Bridge(self.max_message_size, self._browser_message)
+        bridge: _Bridge | _StreamBridge
+        if _can_take_over(browser):
+            bridge = _Bridge(self.max_message_size, self._browser_message)
+        else:  # Jupyter's own TLS: relay on the IOStreams
+            bridge = _StreamBridge(self.max_message_size, self._browser_message)
         await bridge.start(browser, backend)
         self.supervisor.websocket_opened()
         try:
