@@ -12,7 +12,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import SSLIOStream, StreamClosedError
 from yarl import URL
 
-from . import splice
+from . import asset_cache, splice
 from .backend_run import BackendRun
 from .base import ProxyHandlerBase
 from .body_pipe import BodyPipe
@@ -244,9 +244,12 @@ class HttpProxyHandler(ProxyHandlerBase):
                 self.set_header(name, value)
                 seen.add(lname)
         gzip = self._gzip_for(resp)
+        kept = asset_cache.apply(self, resp, gzip is not None)  # Cache-Control, kept gzip bodies
         try:
             if self.request.method == "HEAD":
                 pass
+            elif kept is not None:
+                self.write(await kept)
             elif _is_small(resp):
                 # the common API answer: read it whole and send headers and body in one write
                 body = await resp.read()
