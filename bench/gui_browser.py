@@ -155,7 +155,9 @@ async def cold_and_warm(browser: Any, target: Target, latency: float) -> dict[st
         await context.close()
 
 
-def spawn_without_token(workdir: Path, program: Path) -> tuple[subprocess.Popen[bytes], int]:
+def spawn_without_token(
+    workdir: Path, program: Path, client_dir: Path | None
+) -> tuple[subprocess.Popen[bytes], int]:
     """libertem-server as a user runs it on their own machine (no token: the browser's
     websocket could not carry one), on a free port of 127.0.0.1."""
     workdir.mkdir(parents=True)
@@ -163,13 +165,14 @@ def spawn_without_token(workdir: Path, program: Path) -> tuple[subprocess.Popen[
     with open(workdir / "libertem.log", "wb") as log:
         proc = subprocess.Popen(
             [
+                sys.executable,
                 str(program),
                 "--no-browser",
                 "--host=127.0.0.1",
                 f"--port={port}",
                 f"--local-directory={workdir / 'dask'}",
             ],
-            env=setups.base_env(workdir, None),
+            env=setups.base_env(workdir, client_dir),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -178,8 +181,10 @@ def spawn_without_token(workdir: Path, program: Path) -> tuple[subprocess.Popen[
     return proc, port
 
 
-async def start_direct_without_token(workdir: Path, program: Path) -> Target:
-    proc, port = spawn_without_token(workdir, program)
+async def start_direct_without_token(
+    workdir: Path, program: Path, client_dir: Path | None
+) -> Target:
+    proc, port = spawn_without_token(workdir, program, client_dir)
     base = f"http://127.0.0.1:{port}/"
     await setups.wait_http(base + "api/config/", {}, 180, 0.1)
     return Target("direct", base, {}, direct_backend=psutil.Process(proc.pid), popen=proc)
@@ -192,12 +197,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     program = program or shutil.which("libertem-server")
     if program is None:
         raise SystemExit("libertem-server not found: make install-demo")
+    client_dir = None
+    if args.backend == "bench":  # the same GUI files, served without Last-Modified
+        client_dir = setups.ensure_client_dir(lambda m: print(m, file=sys.stderr))
+        program = str(setups.BACKEND)
     work = setups.make_workdir()
     targets: list[Target] = []
     samples: dict[str, list[dict[str, Any]]] = {}
     try:
-        targets.append(await start_direct_without_token(work / "direct", Path(program)))
-        ours = await setups.start_jupyter("ours", work / "ours", None, None, Path(program))
+        targets.append(await start_direct_without_token(work / "direct", Path(program), client_dir))
+        ours = await setups.start_jupyter("ours", work / "ours", client_dir, None, Path(program))
         targets.append(ours)
         await setups.wait_http(ours.base + "api/config/", ours.headers, 180, 0.2)
         async with async_playwright() as pw:
@@ -228,6 +237,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "latency_ms": args.latency,
+        "backend": args.backend,
         "rows": summary(samples),
         "samples": samples,
     }
@@ -255,10 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--latency", type=float, default=0.0, help="added latency per request, ms")
+    p.add_argument(
+        "--backend",
+        choices=("libertem", "bench"),
+        default="libertem",
+        help="libertem: the real libertem-server; bench: bench/backend.py serving the same "
+        "GUI files with an ETag but no Last-Modified (no heuristic freshness)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
-    print(f"\nGUI load, medians of {args.reps} (latency {args.latency:g} ms)")
+    print(
+        f"\nGUI load, {args.backend} backend, medians of {args.reps} (latency {args.latency:g} ms)"
+    )
     print(f"{'load':5} {'target':7} {'ms':>7} {'requests':>8} {'assets':>6} {'kB wire':>8}")
     for r in result["rows"]:
         print(
