@@ -20,6 +20,10 @@ The handshake is done on tornado IOStreams; the relay then runs on plain asyncio
 once, where an IOStream read is a future, a task wake-up and a re-registration with the event
 loop per chunk (bench, 1 KiB round trips, Jupyter CPU: about 200 us with IOStream coroutines,
 80-120 us with transports; what is left is mostly the event loop and the two syscalls).
+Both relayed sockets get ``TCP_NODELAY`` (``_no_delay``): without it the tail of each large
+browser message waited for the backend's delayed ACK (issue 17). Under Jupyter's own TLS
+(``ServerApp.certfile``) the browser's connection is an ``SSLSocket`` that asyncio cannot adopt,
+so the same relay runs on the IOStreams instead (``_StreamBridge``).
 """
 
 from __future__ import annotations
