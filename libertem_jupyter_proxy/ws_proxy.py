@@ -62,10 +62,11 @@ CLOSE_FLUSH_TIMEOUT = 5.0
 # Outgoing bytes queued per connection before the other side stops reading (backpressure).
 WRITE_BUFFER_HIGH = 1 << 20
 # Read buffer per connection: small at first (the GUI's events are small JSON messages),
-# doubled each time a read fills it, up to 1 MiB (so a big message takes a few reads, not
-# hundreds).
+# doubled each time a read fills it, up to 1 MiB and one more step of 64 KiB (so a big message
+# takes a few reads, not hundreds, and a power-of-two message, 1 MiB and its frame header, fits
+# one read: at exactly 1 MiB the header's 14 bytes came in a second read and wake-up).
 FIRST_READ_SIZE = 64 * 1024
-MAX_READ_SIZE = 1024 * 1024
+MAX_READ_SIZE = 1024 * 1024 + FIRST_READ_SIZE
 
 # RFC 9110 token (header names); header values may not contain CR, LF or NUL.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -189,7 +190,7 @@ class _Side(asyncio.BufferedProtocol):
 
     def swap_buffer(self, old: memoryview, ready: int, end: int, grow: bool) -> None:
         """Read on into a new buffer (twice as big if ``grow``), starting with the held bytes."""
-        fresh = _new_buffer(2 * len(old) if grow else len(old))
+        fresh = _new_buffer(min(2 * len(old), MAX_READ_SIZE) if grow else len(old))
         fresh[: end - ready] = old[ready:end]
         self.buffer = fresh
 
