@@ -234,9 +234,7 @@ def spawn_backend(
     return proc, port, token
 
 
-async def start_direct(
-    workdir: Path, client_dir: Path | None, program: Path = BACKEND
-) -> Target:
+async def start_direct(workdir: Path, client_dir: Path | None, program: Path = BACKEND) -> Target:
     proc, port, token = spawn_backend(workdir, client_dir, program)
     headers = {"X-Api-Key": token}
     base = f"http://127.0.0.1:{port}/"
@@ -352,9 +350,7 @@ async def start_jupyter(
     extra_lines: tuple[str, ...] = (),
 ) -> Target:
     """Start ``ours`` or ``jsp`` Jupyter and wait until its own API answers."""
-    proc, port, token = launch_jupyter(
-        kind, workdir, client_dir, jsp_python, program, extra_lines
-    )
+    proc, port, token = launch_jupyter(kind, workdir, client_dir, jsp_python, program, extra_lines)
     headers = {"Authorization": f"token {token}"}
     base_url = f"http://127.0.0.1:{port}/"
     try:
