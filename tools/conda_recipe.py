@@ -10,17 +10,17 @@ error, not an empty string, so a recipe change that needs more is noticed.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipe" / "meta.yaml"
+RECIPE_DIR = REPO / "recipe"
 PYPROJECT = REPO / "pyproject.toml"
 
 # PyPI name -> conda-forge name where they differ after normalisation (none so far; add here)
@@ -54,12 +54,20 @@ class CondaRequirement:
         return cls(normalize(parts[0]), SpecifierSet(spec))
 
 
-def render(python_min: str = "3.10", path: Path = RECIPE) -> dict:
-    """The recipe as conda-build would parse it after rendering.
+def recipe_python_min(recipe_dir: Path = RECIPE_DIR) -> str:
+    """``python_min`` from ``recipe/conda_build_config.yaml`` (overrides conda-forge's)."""
+    values = yaml.safe_load((recipe_dir / "conda_build_config.yaml").read_text())["python_min"]
+    if len(values) != 1:
+        raise ValueError(f"conda_build_config.yaml: one python_min expected, got {values}")
+    return str(values[0])
 
-    ``python_min`` comes from conda-forge's pinning in a real build; here it defaults to the
-    lower bound of ``requires-python``. ``PYTHON`` renders as the literal ``$PYTHON``.
-    """
+
+def render(recipe_dir: Path = RECIPE_DIR) -> dict:
+    """``recipe_dir/meta.yaml`` as conda-build would parse it after rendering, with
+    ``python_min`` from ``conda_build_config.yaml`` beside it. ``PYTHON`` renders as the
+    literal ``$PYTHON``."""
+    python_min = recipe_python_min(recipe_dir)
+    path = recipe_dir / "meta.yaml"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     text = env.from_string(path.read_text()).render(python_min=python_min, PYTHON="$PYTHON")
     return yaml.safe_load(text)
@@ -108,3 +116,22 @@ def host_requirements(recipe: dict) -> list[str]:
     lines = recipe["requirements"]["host"]
     kept = (line for line in lines if normalize(line.split()[0]) not in ("python", "pip"))
     return [f"{r.name}{r.spec}" for r in map(CondaRequirement.parse, kept)]
+
+
+def run_requirement_differences(recipe: dict) -> list[str]:
+    """What the recipe's ``run`` section gets wrong against ``pyproject.toml``, one message per
+    package (empty when they agree). Python is compared with ``requires-python``."""
+    want = pyproject_run_requirements()
+    have = recipe_run_requirements(recipe)
+    out = [f"missing in recipe run: {n} {want[n]}" for n in sorted(want.keys() - have.keys())]
+    out += [f"not in pyproject dependencies: {n} {have[n]}" for n in sorted(have.keys() - want)]
+    out += [
+        f"{n}: recipe says '{have[n]}', pyproject.toml says '{want[n]}'"
+        for n in sorted(want.keys() & have.keys())
+        if have[n] != want[n]
+    ]
+    python = [line for line in recipe["requirements"]["run"] if line.split()[0] == "python"]
+    expected = f"python >={requires_python_min()}"
+    if [line.replace(" ", "") for line in python] != [expected.replace(" ", "")]:
+        out.append(f"python: recipe says {python}, requires-python means '{expected}'")
+    return out

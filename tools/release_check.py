@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -41,8 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools import conda_recipe  # noqa: E402
-from tools.set_version import npm_version  # noqa: E402
+from tools import conda_recipe
+from tools.set_version import npm_version
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_WHEEL = REPO / "tools" / "wheel-contents.txt"
@@ -241,7 +240,7 @@ def check_listings(bin_dir: Path, env: dict[str, str], ver: str, npm_ver: str) -
     ansi = re.compile(r"\x1b\[[0-9;]*m")
     server = ansi.sub("", run([bin_dir / "jupyter", "server", "extension", "list"], env=env))
     lab = ansi.sub("", run([bin_dir / "jupyter", "labextension", "list"], env=env))
-    if not re.search(rf"libertem_jupyter_proxy\s+enabled", server) or not re.search(
+    if not re.search(r"libertem_jupyter_proxy\s+enabled", server) or not re.search(
         rf"libertem_jupyter_proxy {re.escape(ver)} OK", server
     ):
         raise CheckFailed(f"jupyter server extension list does not show it OK:\n{server}")
@@ -255,10 +254,10 @@ def check_listings(bin_dir: Path, env: dict[str, str], ver: str, npm_ver: str) -
     return "\n".join("    | " + ln for ln in keep)
 
 
-def run_recipe_build(sdist_tree: Path, workdir: Path, shadow: str) -> None:
+def run_recipe_build(recipe_dir: Path, sdist_tree: Path, workdir: Path, shadow: str) -> None:
     """The recipe's ``build: script`` on the unpacked sdist, Node.js hidden, in a venv with
     only the recipe's host requirements (conda-build's host environment, approximately)."""
-    recipe = conda_recipe.render(python_min=conda_recipe.requires_python_min())
+    recipe = conda_recipe.render(recipe_dir)
     host_bin = make_venv(workdir / "recipe-host")
     run(
         [
@@ -293,9 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     ver = version()
-    log(
-        f"libertem-jupyter-proxy {ver} from {run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD']).strip()}"
-    )
+    head = run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]).strip()
+    log(f"libertem-jupyter-proxy {ver} from {head}")
     t_all = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ljp-release-"))
     try:
@@ -349,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unpacked.mkdir()
             with tarfile.open(sdist) as tar:
                 tar.extractall(unpacked, filter="data")
-            run_recipe_build(next(unpacked.iterdir()), work, shadow)
+            run_recipe_build(export / "recipe", next(unpacked.iterdir()), work, shadow)
         with step("7. twine check --strict"):
             log(
                 "    "

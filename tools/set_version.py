@@ -32,15 +32,18 @@ def npm_version(version: str) -> str:
     return release if tag is None else f"{release}-{names[tag]}.{n}"
 
 
-def set_version(version: str) -> None:
+def set_version(
+    version: str, version_py: Path = VERSION_PY, package_json: Path = PACKAGE_JSON
+) -> None:
+    """Write ``version`` into both files (paths are parameters for the tests)."""
     npm = npm_version(version)
-    VERSION_PY.write_text(f'__version__ = "{version}"\n')
+    version_py.write_text(f'__version__ = "{version}"\n')
     # keep package.json's layout: replace only the version line
-    text = PACKAGE_JSON.read_text()
+    text = package_json.read_text()
     new, count = re.subn(r'("version":\s*)"[^"]*"', rf'\g<1>"{npm}"', text, count=1)
     if count != 1 or json.loads(new)["version"] != npm:
-        raise SystemExit(f"could not set the version in {PACKAGE_JSON}")
-    PACKAGE_JSON.write_text(new)
+        raise SystemExit(f"could not set the version in {package_json}")
+    package_json.write_text(new)
 
 
 if __name__ == "__main__":
