@@ -21,7 +21,7 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-.PHONY: demo-install release-check
+.PHONY: demo-install release-check screenshots
 
 # editable install with the developer tools; hatch-jupyter-builder builds the labextension
 # with jlpm on the way
@@ -61,6 +61,10 @@ test-slow: install-demo
 # land in dist/ (tools/release_check.py says what is checked, RELEASE.md how to release)
 release-check: install
 	$(PY) tools/release_check.py
+
+# the docs' pictures of the launcher, the loading page and an error page (real libertem-server)
+screenshots: install-demo
+	LJP_SCREENSHOT_DIR=docs/_static/screenshots $(RUN) $(PY) -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
 # real-world end to end: nginx -> JupyterHub -> user servers -> LiberTEM in its own venv
 e2e-setup: install
