@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_wheel_list(names, ver)
             log(f"    {len(names)} files")
         with step("5. wheel from the sdist with pip, Node.js hidden; same bytes as step 2"):
-            env = env_without_node(shadow, Path(sys.executable).parent)
+            env = env_without_node(shadow)
             run(
                 [
                     sys.executable,
