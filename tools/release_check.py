@@ -349,12 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tar.extractall(unpacked, filter="data")
             run_recipe_build(export / "recipe", next(unpacked.iterdir()), work, shadow)
         with step("7. twine check --strict"):
-            log(
-                "    "
-                + run([sys.executable, "-m", "twine", "check", "--strict", sdist, wheel])
-                .strip()
-                .replace("\n", "\n    ")
-            )
+            plain = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+            out = run([sys.executable, "-m", "twine", "check", "--strict", sdist, wheel], env=plain)
+            log("    " + out.strip().replace("\n", "\n    "))
         with step("8. fresh venv, Node.js hidden: pip install the wheel + jupyterlab; listings"):
             bin_dir = make_venv(work / "user-venv")
             home = work / "user-home"
