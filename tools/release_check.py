@@ -351,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with step("7. twine check --strict"):
             plain = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
             out = run([sys.executable, "-m", "twine", "check", "--strict", sdist, wheel], env=plain)
+            out = re.sub(r"\x1b\[[0-9;]*m", "", out)
             log("    " + out.strip().replace("\n", "\n    "))
         with step("8. fresh venv, Node.js hidden: pip install the wheel + jupyterlab; listings"):
             bin_dir = make_venv(work / "user-venv")
