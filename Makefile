@@ -1,6 +1,7 @@
 # libertem-jupyter-proxy: developer and CI entry points.
 #   make demo   a venv with LiberTEM + this package, JupyterLab with the GUI at /libertem/
 #   make test   every test: the JupyterHub/nginx end-to-end suite, then all the others
+#   make release-check   build sdist + wheel from HEAD and check them as users get them (RELEASE.md)
 # The venv lives in .venv (override with VENV=...). Node.js (>= 18) is needed only to build
 # the JupyterLab extension from labextension/; installing the wheel needs none.
 
@@ -20,16 +21,24 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# editable install; hatch-jupyter-builder builds the labextension with jlpm on the way
+.PHONY: demo-install release-check screenshots
+
+# editable install with the developer tools; hatch-jupyter-builder builds the labextension
+# with jlpm on the way
 install: $(PY)
-	$(PIP) install --quiet -e ".[test,lint,docs]" jupyterlab notebook
+	$(PIP) install --quiet -e ".[test,lint,docs,release]" jupyterlab notebook
 	$(VENV)/bin/jupyter server extension list 2>&1 | grep libertem_jupyter_proxy
 	$(VENV)/bin/jupyter labextension list 2>&1 | grep libertem-jupyter-proxy
 
 install-demo: install
 	$(PIP) install --quiet libertem
 
-demo: install-demo
+# what the demo needs and nothing more: the package, JupyterLab, Notebook and LiberTEM
+demo-install: $(PY)
+	$(PIP) install --quiet -e . jupyterlab notebook libertem
+	$(VENV)/bin/jupyter server extension list 2>&1 | grep libertem_jupyter_proxy
+
+demo: demo-install
 	@echo
 	@echo "LiberTEM will be at  http://127.0.0.1:$(PORT)/libertem/  (log in with the token link below)"
 	@echo
@@ -47,6 +56,15 @@ test-fast: install
 
 test-slow: install-demo
 	$(RUN) $(PY) -m pytest -m "slow and not e2e" $(PYTEST_ARGS)
+
+# sdist + wheel from a clean export of HEAD, checked as users get them; the files to publish
+# land in dist/ (tools/release_check.py says what is checked, RELEASE.md how to release)
+release-check: install
+	$(PY) tools/release_check.py
+
+# the docs' pictures of the launcher, the loading page and an error page (real libertem-server)
+screenshots: install-demo
+	LJP_SCREENSHOT_DIR=docs/_static/screenshots $(RUN) $(PY) -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
 # real-world end to end: nginx -> JupyterHub -> user servers -> LiberTEM in its own venv
 e2e-setup: install

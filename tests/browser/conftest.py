@@ -129,6 +129,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
         app: str,
         lab_overrides: dict[str, Any] | None = None,
         env_overrides: dict[str, str] | None = None,
+        command: list[str] | None = None,
     ) -> JupyterProcess:
         module = {"lab": "jupyterlab", "notebook": "notebook"}[app]
         if importlib.util.find_spec(module) is None:
@@ -156,7 +157,8 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
         # LIBERTEM_FAKE_* variables reach the fake backend through Jupyter's environment
         env.update(env_overrides or {})
         port = free_port()
-        command = [sys.executable, str(FAKE_SERVER)]
+        # the fake backend unless a test names another command (e.g. the real libertem-server)
+        command = command or [sys.executable, str(FAKE_SERVER)]
         argv = [
             sys.executable,
             "-m",

@@ -1,12 +1,13 @@
-"""The loading page in a real browser: a slow start shows it, and it becomes the GUI alone."""
+"""The loading page in a real browser: a slow start shows it, and it becomes the GUI alone.
+
+(The docs' pictures of these pages come from test_docs_screenshots.py, with the real
+libertem-server.)"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-
-from ..helpers import save_screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -24,7 +25,6 @@ def test_loading_page_turns_into_gui(jupyter_server: Any, browser_context: Any, 
     expect(page.locator("#log")).to_contain_text("still starting up", timeout=15_000)
     expect(page.locator("#elapsed")).not_to_have_text("0", timeout=15_000)
     page.screenshot(path=str(server.dirs["home"] / "loading-page.png"))
-    save_screenshot(page, "loading-page", clip={"x": 140, "y": 0, "width": 1000, "height": 270})
 
     # then, with no user action, the GUI (its root element, its websocket open)
     expect(page.locator("div#root")).to_be_attached(timeout=60_000)
@@ -48,7 +48,6 @@ def test_error_page_in_browser_has_retry(jupyter_server: Any, browser_context: A
     expect(page.locator("#exit-code")).to_have_text("3")
     expect(page.locator("#log")).to_contain_text("SimulatedCrash")
     expect(page.locator("#retry")).to_be_visible()
-    save_screenshot(page, "error-page", clip={"x": 140, "y": 0, "width": 1000, "height": 430})
     # Retry posts (with Jupyter's XSRF token) and comes back to the GUI URL: still crashing
     page.locator("#retry").click()
     expect(page.locator("#title")).to_contain_text("LiberTEM", timeout=60_000)
