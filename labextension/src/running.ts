@@ -33,8 +33,9 @@ import {
 } from './status';
 import { OPEN_COMMAND } from './urls';
 
-/** Milliseconds between status requests while nothing changes (a gentle poll). */
-const INTERVAL = 5000;
+/** Milliseconds between status requests while nothing changes: a gentle poll, as often as
+ * JupyterLab polls its own kernels and sessions. */
+const INTERVAL = 10000;
 /** ... and while LiberTEM starts or stops, so the panel follows the transition. */
 const TRANSITION_INTERVAL = 1000;
 /** Upper bound of the back-off after failed requests (server gone, network down). */
@@ -175,21 +176,25 @@ export class LiberTEMRunningManager implements IRunningSessions.IManager {
         React.createElement(
           React.Fragment,
           null,
-          'LiberTEM ',
-          React.createElement('span', { className: 'jp-LiberTEM-state' }, 'failed'),
           React.createElement(
-            'button',
-            {
-              className: 'jp-LiberTEM-retry jp-Button jp-mod-styled jp-mod-accept',
-              title: 'Start LiberTEM again',
-              onClick: (event: React.MouseEvent) => {
-                event.stopPropagation(); // not the item's own click (open)
-                void this._retry();
-              }
-            },
-            'Retry'
+            'div',
+            { className: 'jp-LiberTEM-headline' },
+            'LiberTEM ',
+            React.createElement('span', { className: 'jp-LiberTEM-state' }, 'failed'),
+            React.createElement(
+              'button',
+              {
+                className: 'jp-LiberTEM-retry jp-Button jp-mod-styled jp-mod-accept',
+                title: 'Start LiberTEM again',
+                onClick: (event: React.MouseEvent) => {
+                  event.stopPropagation(); // not the item's own click (open)
+                  void this._retry();
+                }
+              },
+              'Retry'
+            )
           ),
-          React.createElement('span', { className: 'jp-LiberTEM-reason' }, reason)
+          React.createElement('div', { className: 'jp-LiberTEM-reason' }, reason)
         ),
       labelTitle: () => title.join('\n'),
       // the GUI URL shows the full error page (log lines, Retry) for this state

@@ -121,7 +121,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
     HOME and the Jupyter config/data/runtime dirs are private to the test; the labextension
     is still found in ``sys.prefix/share/jupyter/labextensions`` (installed by pip).
     ``lab_overrides`` writes ``labconfig/default_setting_overrides.json`` into the private
-    config dir, the way an admin sets defaults.
+    config dir, the way an admin sets defaults. ``command`` replaces the fake backend.
     """
     started: list[JupyterProcess] = []
 
@@ -129,6 +129,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
         app: str,
         lab_overrides: dict[str, Any] | None = None,
         env_overrides: dict[str, str] | None = None,
+        command: list[str] | None = None,
     ) -> JupyterProcess:
         module = {"lab": "jupyterlab", "notebook": "notebook"}[app]
         if importlib.util.find_spec(module) is None:
@@ -156,7 +157,8 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
         # LIBERTEM_FAKE_* variables reach the fake backend through Jupyter's environment
         env.update(env_overrides or {})
         port = free_port()
-        command = [sys.executable, str(FAKE_SERVER)]
+        # the fake libertem-server unless a test asks for another (e.g. the real one)
+        command = command or [sys.executable, str(FAKE_SERVER)]
         argv = [
             sys.executable,
             "-m",
