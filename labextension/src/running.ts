@@ -143,15 +143,21 @@ export class LiberTEMRunningManager implements IRunningSessions.IManager {
       className: `jp-LiberTEM-runningItem jp-mod-${state}`,
       context: state,
       icon: () => libertemIcon,
+      // two lines: the panel is narrow, and a detail column would cut the figures off
       label: () =>
         React.createElement(
           React.Fragment,
           null,
-          'LiberTEM ',
-          React.createElement('span', { className: 'jp-LiberTEM-state' }, stateText)
+          React.createElement(
+            'div',
+            { className: 'jp-LiberTEM-headline' },
+            'LiberTEM ',
+            React.createElement('span', { className: 'jp-LiberTEM-state' }, stateText)
+          ),
+          parts.length > 0 &&
+            React.createElement('div', { className: 'jp-LiberTEM-figures' }, parts.join(' · '))
         ),
       labelTitle: () => title.join('\n'),
-      detail: () => parts.join(', '),
       open: () => this._openGui(),
       // nothing to shut down while it already stops
       shutdown: state === 'stopping' ? undefined : () => void this._stop()
