@@ -113,7 +113,9 @@ def _run_and_stop(
     title = item.locator(".jp-RunningSessions-itemLabel").get_attribute("title") or ""
     assert "RSS" in title and "CPU time" in title, title
     item.hover()  # shows the shut-down button
-    save_screenshot(page, shot, clip=clip)
+    box = item.bounding_box()
+    bottom = int(box["y"] + box["height"]) + 24 if box else clip["height"]
+    save_screenshot(page, shot, clip={**clip, "height": max(clip["height"], bottom)})
 
     # a click on the item opens the GUI in a new browser tab (the launcher's default)
     with browser_context.expect_page() as new_tab:
@@ -191,7 +193,7 @@ def test_notebook_running_tab_shows_opens_and_stops_libertem(
         page,
         panel,
         "notebook-running-tab",
-        {"x": 0, "y": 0, "width": 1280, "height": 560},
+        {"x": 0, "y": 0, "width": 1280, "height": 300},
     )
     assert [e for e in console.errors if "libertem" in e.lower()] == []
 
