@@ -13,6 +13,7 @@ from tornado import web
 
 from .base import SETTINGS_KEY
 from .errors import BackendError
+from .resources import status_resources
 from .supervisor import Supervisor
 
 
@@ -44,8 +45,11 @@ class StatusHandler(_ControlBase):
     _track_activity = False  # monitoring must not keep the server alive
 
     @web.authenticated
-    def get(self) -> None:
-        self.finish(json.dumps(self.supervisor.status()))
+    async def get(self) -> None:
+        body = self.supervisor.status()
+        # memory, CPU, processes, workers of LiberTEM's process group (resources.py)
+        body["resources"] = await status_resources(self.supervisor)
+        self.finish(json.dumps(body))
 
 
 class LogHandler(_ControlBase):

@@ -346,7 +346,14 @@ def check_status_example(tmp_path: Path) -> None:
 
     shown = json.loads(_snippet("status-example.json"))
     real = Supervisor(SupervisorConfig()).status()
+    # GET status adds the process group's figures (api.StatusHandler, resources.py)
+    from dataclasses import fields
+
+    from libertem_jupyter_proxy.resources import GroupResources
+
+    real["resources"] = {f.name: None for f in fields(GroupResources)}
     assert set(shown) == set(real), f"status fields differ: {set(shown) ^ set(real)}"
+    assert set(shown["resources"]) == set(real["resources"]), shown["resources"]
 
 
 def _fake_hpc(tmp_path: Path, module_loads_into: Path) -> dict[str, str]:

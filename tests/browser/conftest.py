@@ -121,7 +121,7 @@ def jupyter_server(tmp_path: Path) -> Iterator[Callable[..., JupyterProcess]]:
     HOME and the Jupyter config/data/runtime dirs are private to the test; the labextension
     is still found in ``sys.prefix/share/jupyter/labextensions`` (installed by pip).
     ``lab_overrides`` writes ``labconfig/default_setting_overrides.json`` into the private
-    config dir, the way an admin sets defaults.
+    config dir, the way an admin sets defaults. ``command`` replaces the fake backend.
     """
     started: list[JupyterProcess] = []
 

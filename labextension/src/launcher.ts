@@ -1,5 +1,5 @@
-// Frontend part of libertem-jupyter-proxy: entries that open the LiberTEM web GUI,
-// which the server extension serves at {base_url}libertem/.
+// Entries that open the LiberTEM web GUI, which the server extension serves at
+// {base_url}libertem/.
 //
 //  - JupyterLab: a launcher tile, File > New and command-palette entries.
 //  - Notebook 7: a "LiberTEM" item in the file browser's "New" dropdown (tree page).
@@ -7,7 +7,11 @@
 // By default every entry opens the GUI in a new browser tab; the `openIn` setting
 // (schema/plugin.json) lets admins open it in a JupyterLab main-area tab instead.
 
-import { ILayoutRestorer } from '@jupyterlab/application';
+import {
+  ILayoutRestorer,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
 import {
   ICommandPalette,
   MainAreaWidget,
@@ -18,34 +22,25 @@ import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { ILauncher } from '@jupyterlab/launcher';
 import { IMainMenu } from '@jupyterlab/mainmenu';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
-import { IFrame, LabIcon } from '@jupyterlab/ui-components';
-import { MessageLoop } from '@lumino/messaging';
+import { IFrame } from '@jupyterlab/ui-components';
+import type { ReadonlyPartialJSONObject } from '@lumino/coreutils';
+import { type Message, MessageLoop } from '@lumino/messaging';
+import type { Menu, Widget } from '@lumino/widgets';
 
-import iconSvgStr from '../style/icons/libertem.svg';
+import { libertemIcon } from './icon';
+import { guiUrl, OPEN_COMMAND } from './urls';
 
-const PLUGIN_ID = 'libertem-jupyter-proxy:plugin';
-const COMMAND = 'libertem:open';
+export const PLUGIN_ID = 'libertem-jupyter-proxy:plugin';
 const LABEL = 'LiberTEM';
 
-export const libertemIcon = new LabIcon({
-  name: 'libertem-jupyter-proxy:libertem',
-  svgstr: iconSvgStr
-});
-
-/**
- * The GUI's address. Not URLExt.join: it drops the trailing slash, and the
- * LiberTEM GUI loads its assets relative to `libertem/`. getBaseUrl() ends with '/'.
- */
-function guiUrl() {
-  return PageConfig.getBaseUrl() + 'libertem/';
-}
+type OpenIn = 'browser-tab' | 'jupyterlab';
 
 /** The Notebook 7 page ('tree', 'notebooks', 'edit', ...), or '' in JupyterLab. */
-function notebookPage() {
+function notebookPage(): string {
   return PageConfig.getOption('notebookPage');
 }
 
-const plugin = {
+export const launcherPlugin: JupyterFrontEndPlugin<void> = {
   id: PLUGIN_ID,
   description: 'Launcher tile and New-menu entries for the LiberTEM web GUI.',
   autoStart: true,
@@ -62,24 +57,24 @@ const plugin = {
 };
 
 function activate(
-  app,
-  settingRegistry,
-  launcher,
-  mainMenu,
-  palette,
-  restorer,
-  fileBrowser
-) {
+  app: JupyterFrontEnd,
+  settingRegistry: ISettingRegistry | null,
+  launcher: ILauncher | null,
+  mainMenu: IMainMenu | null,
+  palette: ICommandPalette | null,
+  restorer: ILayoutRestorer | null,
+  fileBrowser: IDefaultFileBrowser | null
+): void {
   // The default matches schema/plugin.json; the setting registry (user settings over
   // admin overrides) replaces it once loaded. The command waits for that, so a click
   // during page load cannot ignore an admin's choice.
-  let openIn = 'browser-tab';
-  const settingsLoaded = settingRegistry
+  let openIn: OpenIn = 'browser-tab';
+  const settingsLoaded: Promise<void> = settingRegistry
     ? settingRegistry
         .load(PLUGIN_ID)
         .then(settings => {
           const update = () => {
-            openIn = settings.get('openIn').composite;
+            openIn = settings.get('openIn').composite as OpenIn;
           };
           update();
           settings.changed.connect(update);
@@ -91,9 +86,9 @@ function activate(
 
   // Notebook 7 has no dock panel to host a tab: always use a browser tab there.
   const canUseMainArea = !notebookPage();
-  const tracker = new WidgetTracker({ namespace: 'libertem' });
+  const tracker = new WidgetTracker<MainAreaWidget<IFrame>>({ namespace: 'libertem' });
 
-  const openInMainArea = () => {
+  const openInMainArea = (): MainAreaWidget<IFrame> => {
     let widget = tracker.currentWidget;
     if (!widget || widget.isDisposed) {
       const content = new IFrame({
@@ -125,13 +120,13 @@ function activate(
     return widget;
   };
 
-  app.commands.addCommand(COMMAND, {
+  app.commands.addCommand(OPEN_COMMAND, {
     label: LABEL,
     caption: 'Open the LiberTEM web GUI',
     icon: args => (args.isPalette ? undefined : libertemIcon),
-    execute: async args => {
+    execute: async (args: ReadonlyPartialJSONObject) => {
       await settingsLoaded; // resolved long before any click, in practice
-      const where = (args && args.openIn) || openIn;
+      const where = (args?.openIn as OpenIn | undefined) || openIn;
       if (where === 'jupyterlab' && canUseMainArea) {
         return openInMainArea();
       }
@@ -143,24 +138,30 @@ function activate(
 
   if (restorer && canUseMainArea) {
     void restorer.restore(tracker, {
-      command: COMMAND,
+      command: OPEN_COMMAND,
       args: () => ({ openIn: 'jupyterlab' }),
       name: () => 'libertem'
     });
   }
 
   if (launcher) {
-    launcher.add({ command: COMMAND, category: 'Other', rank: 1 });
+    launcher.add({ command: OPEN_COMMAND, category: 'Other', rank: 1 });
   }
   if (mainMenu) {
-    mainMenu.fileMenu.newMenu.addGroup([{ command: COMMAND }], 40);
+    mainMenu.fileMenu.newMenu.addGroup([{ command: OPEN_COMMAND }], 40);
   }
   if (palette) {
-    palette.addItem({ command: COMMAND, category: LABEL });
+    palette.addItem({ command: OPEN_COMMAND, category: LABEL });
   }
   if (notebookPage() === 'tree' && fileBrowser) {
     addToNotebookNewMenu(app, fileBrowser);
   }
+}
+
+/** Notebook 7's "New" dropdown is a MenuBar in the file browser toolbar (no token for it). */
+function isMenuBar(widget: Widget): widget is Widget & { menus: ReadonlyArray<Menu> } {
+  const menus = (widget as unknown as { menus?: unknown }).menus;
+  return Array.isArray(menus) && menus.length > 0;
 }
 
 /**
@@ -174,36 +175,36 @@ function activate(
  * up, then (re-)add our item after every kernelspecs change and, as a safety
  * net for any other rebuild, whenever the menu is about to render.
  */
-function addToNotebookNewMenu(app, fileBrowser) {
-  let menu = null;
+function addToNotebookNewMenu(app: JupyterFrontEnd, fileBrowser: IDefaultFileBrowser): void {
+  let menu: Menu | null = null;
 
   const ensureEntry = () => {
     if (!menu || menu.isDisposed) {
       return;
     }
-    if (menu.items.some(item => item.command === COMMAND)) {
+    if (menu.items.some(item => item.command === OPEN_COMMAND)) {
       return;
     }
     menu.addItem({ type: 'separator' });
-    menu.addItem({ command: COMMAND });
+    menu.addItem({ command: OPEN_COMMAND });
   };
 
-  const findMenu = () => {
+  const findMenu = (): Menu | null => {
     for (const widget of fileBrowser.toolbar.children()) {
       // Duck-typed MenuBar: the "New" dropdown is the toolbar's only one.
-      if (Array.isArray(widget.menus) && widget.menus.length > 0) {
+      if (isMenuBar(widget)) {
         return widget.menus[0];
       }
     }
     return null;
   };
 
-  const attach = found => {
+  const attach = (found: Menu) => {
     menu = found;
     ensureEntry();
     // Menus render on 'update-request' (sent synchronously before opening);
     // a hook that runs first can restore our item before it is drawn.
-    MessageLoop.installMessageHook(menu, (handler, msg) => {
+    MessageLoop.installMessageHook(menu, (_handler: unknown, msg: Message) => {
       if (msg.type === 'update-request') {
         ensureEntry();
       }
@@ -234,5 +235,3 @@ function addToNotebookNewMenu(app, fileBrowser) {
   };
   poll();
 }
-
-export default plugin;
