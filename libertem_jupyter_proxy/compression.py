@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import zlib
 
-COMPRESSIBLE = frozenset(
-    {
-        "text/html",
-        "text/css",
-        "text/plain",
-        "text/javascript",
-        "application/javascript",
-        "application/x-javascript",
-        "application/json",
-        "image/svg+xml",
-    }
-)
-MIN_LENGTH = 1024  # below this, gzip's header costs more than it saves
+from . import contract
+
+COMPRESSIBLE = contract.COMPRESSIBLE
+MIN_LENGTH = contract.GZIP_MIN_LENGTH
+
+
+def no_transform(cache_control: str | None) -> bool:
+    """Whether a ``Cache-Control`` value forbids intermediaries to transform the body
+    (RFC 9111 5.2.1.6 in requests, 5.2.2.6 in responses): then the proxy never gzips."""
+    if not cache_control:
+        return False
+    return any(
+        d.split("=", 1)[0].strip().lower() == "no-transform" for d in cache_control.split(",")
+    )
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
@@ -47,9 +48,11 @@ def should_compress(
     content_type: str | None,
     content_encoding: str | None,
     content_length: str | None,
+    cache_control: str | None = None,
 ) -> bool:
-    """Compress only complete-able text bodies the backend did not encode itself."""
-    if status != 200 or content_encoding or not content_type:
+    """Compress only text 200s the backend did not encode itself and did not mark
+    ``no-transform`` (the complete rule and its consequences: :data:`.contract.COMPRESSIBLE`)."""
+    if status != 200 or content_encoding or not content_type or no_transform(cache_control):
         return False
     if content_type.split(";", 1)[0].strip().lower() not in COMPRESSIBLE:
         return False

@@ -1,4 +1,21 @@
-"""The HTTP reverse proxy: every method, bodies streamed both ways, fixed upstream address."""
+"""The HTTP reverse proxy: every method, bodies streamed both ways, fixed upstream address.
+
+What it changes in a request or a response is listed once, in :mod:`.contract`; everything
+else passes unchanged. The life of one request, in order:
+
+1. ``prepare``: Jupyter's auth and the cross-site rule; a body over ``max_body_size`` is
+   refused (413) before it is read; the backend is made ready; the upstream request starts at
+   once, its body fed from a :class:`.BodyPipe` as the browser's body arrives.
+2. ``data_received``: body chunks go into the pipe (backpressure both ways).
+3. The method (``get``, ``post``...): the body is complete; await the backend's status and
+   headers, then ``_relay`` them (headers through :func:`.headers.response_headers`, the body
+   small, streamed, spliced or gzipped).
+
+An answer given before the body was read (a refusal, an error page) says
+``Connection: close`` (see ``finish``). A backend that answers before it read the whole body
+(an early 413) gets no more of it; the browser's body is read and discarded, then the answer
+is relayed and the upstream connection closed (it is mid-body, so never reused).
+"""
 
 from __future__ import annotations
 
@@ -12,18 +29,17 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import SSLIOStream, StreamClosedError
 from yarl import URL
 
-from . import asset_cache, splice
+from . import asset_cache, contract, splice
 from .backend_run import BackendRun
 from .base import ProxyHandlerBase
 from .body_pipe import BodyPipe
-from .compression import GzipStream, accepts_gzip, should_compress
+from .compression import GzipStream, accepts_gzip, no_transform, should_compress
 from .errors import BackendError
 from .headers import response_headers, strip_token_query
 
 # Jupyter's security headers set by JupyterHandler.set_default_headers: a backend header of the
 # same name is added next to them instead of replacing them (both then apply).
-_KEEP_JUPYTER = frozenset({"content-security-policy", "x-content-type-options"})
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_KEEP_JUPYTER = contract.SECURITY_HEADERS
 
 
 SMALL_BODY = 64 * 1024
@@ -56,6 +72,11 @@ class HttpProxyHandler(ProxyHandlerBase):
         self._run: BackendRun | None = None
         self._client_gone = False
         self._counted = False
+        # the browser's whole body has been received (the method runs only then)
+        self._body_complete = False
+        # the backend answered before it had the whole body: the rest is discarded and the
+        # upstream connection is closed after the answer
+        self._early_answer = False
 
     def compute_etag(self) -> str | None:
         return None  # the backend's ETag (if any) passes through unchanged
@@ -67,7 +88,14 @@ class HttpProxyHandler(ProxyHandlerBase):
         if self.current_user is None:  # also when allow_unauthenticated_access is set
             web.authenticated(lambda _self: None)(self)  # login redirect (GET) or 403
             return
-        self.request.connection.set_max_body_size(self.proxy_settings.max_body_size)
+        max_body = self.proxy_settings.max_body_size
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > max_body:
+            # refuse before reading it (tornado would answer a bare 400 and close)
+            raise web.HTTPError(
+                413, f"Request body of {length} bytes exceeds max_body_size ({max_body})"
+            )
+        self.request.connection.set_max_body_size(max_body)
         self._counted = True
         self.supervisor.request_started()
         self.record_activity()
@@ -88,10 +116,15 @@ class HttpProxyHandler(ProxyHandlerBase):
         self._upstream.add_done_callback(_mark_retrieved)
         if self._pipe is not None:
             pipe = self._pipe
+            length = int(length) if length.isdigit() else -1
 
             def upstream_done(f: asyncio.Future[aiohttp.ClientResponse]) -> None:
-                # on success aiohttp may still be sending the body: keep feeding it
                 if f.cancelled() or f.exception() is not None:
+                    pipe.reader_done()  # nobody sends the rest: discard it
+                elif not self._body_complete and not pipe.closed and pipe.total != length:
+                    # an early answer (a 413 before reading): the backend wants no more; the
+                    # browser's rest is read and discarded, the answer relayed when it is in
+                    self._early_answer = True
                     pipe.reader_done()
 
             self._upstream.add_done_callback(upstream_done)
@@ -121,6 +154,17 @@ class HttpProxyHandler(ProxyHandlerBase):
     def on_finish(self) -> None:
         self._uncount()
 
+    def finish(self, chunk: str | bytes | dict | None = None) -> asyncio.Future[None]:  # type: ignore[override]
+        """Say ``Connection: close`` when answering before the browser's body was read.
+
+        tornado then closes the connection (the only way not to read the body) but did not say
+        so: a client that reused the connection got a reset instead of its next answer (a
+        refused cross-site POST came back as "connection reset" rather than 403).
+        """
+        if not self._headers_written and not self._body_complete and self._has_body():
+            self.set_header("Connection", "close")
+        return super().finish(chunk)
+
     def _log(self) -> None:
         """Skip Jupyter's access-log formatting when its line would be dropped anyway.
 
@@ -141,12 +185,10 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.supervisor.request_finished()
 
     def _has_body(self) -> bool:
+        """Whether the request has a body, by its framing (RFC 9112 6.3), not its method: a
+        DELETE without one must reach the backend without one (not as an empty chunked body)."""
         h = self.request.headers
-        return (
-            self.request.method not in _NO_BODY_METHODS
-            or ("Content-Length" in h and h["Content-Length"] != "0")
-            or "Transfer-Encoding" in h
-        )
+        return "Transfer-Encoding" in h or h.get("Content-Length", "0") not in ("", "0")
 
     async def _send(self, run: BackendRun, pipe: BodyPipe | None) -> aiohttp.ClientResponse:
         """Send the request upstream; returns once the backend's status and headers are in."""
@@ -184,10 +226,11 @@ class HttpProxyHandler(ProxyHandlerBase):
         super().on_connection_close()
 
     async def _proxy(self) -> None:
+        self._body_complete = True
         if self._upstream is None:
             return
         if self._pipe is not None:
-            self._pipe.close()
+            self._pipe.close()  # a no-op after an early answer: that body stays unfinished
         try:
             resp = await self._upstream
         except asyncio.CancelledError:
@@ -203,14 +246,14 @@ class HttpProxyHandler(ProxyHandlerBase):
             await self._relay(resp)
         finally:
             # a fully read body keeps the pooled connection; anything else closes it, which is
-            # how an aborted download is cancelled upstream
-            if resp.content.at_eof():
+            # how an aborted download is cancelled upstream (and an unfinished upload ended)
+            if resp.content.at_eof() and not self._early_answer:
                 resp.release()
             else:
                 resp.close()
 
     def _send_unreachable(self, e: BaseException) -> None:
-        self.log.warning("LiberTEM proxy: backend request failed: %r", e)
+        self.log.warning("LiberTEM proxy: backend request failed: %r", e, exc_info=e)
         if isinstance(e, asyncio.TimeoutError):
             error = BackendError(
                 "request-timeout",
@@ -235,6 +278,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         self.clear_header("Content-Type")
         assert self._run is not None
         seen: set[str] = set()
+        # raw bytes as latin-1 text: tornado writes header text back as latin-1, so non-ASCII
+        # bytes in the backend's headers reach the browser unchanged
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
         for name, value in response_headers(raw, self._run.port, self.prefix):
             lname = name.lower()
@@ -243,11 +288,17 @@ class HttpProxyHandler(ProxyHandlerBase):
             else:
                 self.set_header(name, value)
                 seen.add(lname)
+        no_body = self.request.method == "HEAD" or resp.status in contract.NO_BODY_STATUSES
+        if resp.status == 204:
+            self.clear_header("Content-Length")  # RFC 9110 8.6: never on a 204
         gzip = self._gzip_for(resp)
         kept = asset_cache.apply(self, resp, gzip is not None)  # Cache-Control, kept gzip bodies
         try:
-            if self.request.method == "HEAD":
-                pass
+            if no_body:
+                # headers as they are: flushed first, so that tornado neither adds
+                # "Content-Length: 0" (a HEAD of a gzipped or chunked GET) nor drops the
+                # representation headers of a 304
+                await self.flush()
             elif kept is not None:
                 self.write(await kept)
             elif _is_small(resp):
@@ -332,21 +383,52 @@ class HttpProxyHandler(ProxyHandlerBase):
         return True
 
     def _gzip_for(self, resp: aiohttp.ClientResponse) -> GzipStream | None:
-        """Set up compression of this response if the browser takes gzip and it is text."""
+        """Set up compression of this response if the browser takes gzip and it is text.
+
+        Sets every header consequence listed in :data:`.contract.COMPRESSIBLE` (also for a
+        HEAD, which must describe the GET). Returns None when the body goes out as it is, or
+        when there is no body (HEAD).
+        """
+        if not self.proxy_settings.compress:
+            return None
         h = resp.headers
-        if not self.proxy_settings.compress or not should_compress(
-            resp.status, h.get("Content-Type"), h.get("Content-Encoding"), h.get("Content-Length")
+        cache_control = ", ".join(h.getall("Cache-Control", []))
+        if resp.status == 304:
+            self._revalidated_gzip(resp)
+            return None
+        if no_transform(self.request.headers.get("Cache-Control")) or not should_compress(
+            resp.status,
+            h.get("Content-Type"),
+            h.get("Content-Encoding"),
+            h.get("Content-Length"),
+            cache_control,
         ):
             return None
         self.add_header("Vary", "Accept-Encoding")
         if not accepts_gzip(self.request.headers.get("Accept-Encoding", "")):
             return None
         self.clear_header("Content-Length")
+        self.clear_header("Accept-Ranges")  # ranges of the gzipped body cannot be served
         self.set_header("Content-Encoding", "gzip")
         etag = h.get("ETag")
         if etag and not etag.startswith("W/"):
             self.set_header("ETag", "W/" + etag)  # another representation of the same data
-        return GzipStream()
+        return None if self.request.method == "HEAD" else GzipStream()
+
+    def _revalidated_gzip(self, resp: aiohttp.ClientResponse) -> None:
+        """A 304 that confirms the browser's gzipped copy says what that copy's 200 said:
+        the weak ETag the proxy made, and ``Vary: Accept-Encoding``.
+
+        The browser holds the gzipped copy exactly when its ``If-None-Match`` lists the weak
+        form of the backend's strong ETag (the backend compares weakly, RFC 9110 13.1.2).
+        """
+        etag = resp.headers.get("ETag")
+        if not etag or etag.startswith("W/"):
+            return
+        tags = [t.strip() for t in self.request.headers.get("If-None-Match", "").split(",")]
+        if "W/" + etag in tags and accepts_gzip(self.request.headers.get("Accept-Encoding", "")):
+            self.set_header("ETag", "W/" + etag)
+            self.add_header("Vary", "Accept-Encoding")
 
     @web.authenticated
     async def get(self, path: str = "") -> None:

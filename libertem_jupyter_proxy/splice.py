@@ -58,7 +58,8 @@ async def _ready(
     if write_fd is not None:
         loop.add_writer(write_fd, wake)
     try:
-        await asyncio.wait_for(fut, timeout)
+        # 0 (or less) means "no idle timeout", as for c.LiberTEMProxy.read_timeout
+        await asyncio.wait_for(fut, timeout if timeout > 0 else None)
     except asyncio.TimeoutError:
         raise TimeoutError(f"no progress for {timeout:g} s") from None
     finally:
@@ -82,7 +83,7 @@ async def relay(
     transports, whose registrations must stay untouched. ``cancelled`` is checked after each
     wake-up (the browser may have gone away, which tornado reports on its own fd). Raises
     :class:`BackendClosed`, :class:`BrowserGone` or :class:`TimeoutError` (after
-    ``idle_timeout`` seconds without any progress).
+    ``idle_timeout`` seconds without any progress; ``idle_timeout <= 0`` waits forever).
     """
     loop = asyncio.get_running_loop()
     src = os.dup(src_fd)
