@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
-from . import raw_http, scripts
-from .jupyter_rig import BASE_URL, PREFIX, TOKEN, Rig, rig, tls_files  # noqa: F401
+from . import jupyter_rig, raw_http, scripts
+from .jupyter_rig import BASE_URL, PREFIX, TOKEN, Rig
 from .raw_http import chunked
 from .scripts import header, response_head, send
 
 KiB = 1024
+rig = jupyter_rig.rig  # the fixtures
+tls_files = jupyter_rig.tls_files
 
 
 async def settled(rig: Rig, timeout: float = 10.0) -> None:
