@@ -74,8 +74,18 @@ REQUEST_FILTERED_COOKIE: Final = "cookie"
 #: login cookie, after a ``?token=`` login) appears in ``Set-Cookie`` next to the backend's.
 JUPYTER_COOKIE: Final = re.compile(r"^(_xsrf|jupyterhub-.*|username-.*)$")
 
+#: ``Host`` is the upstream connection's own (``127.0.0.1:<port>``): replaced, not removed.
+REQUEST_REPLACED: Final = frozenset({"host"})
+
 #: Request headers the proxy adds: the backend's key, and who the browser talked to.
 REQUEST_ADDED: Final = ("x-api-key", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for")
+
+#: A request without a body (no ``Content-Length``, no ``Transfer-Encoding``) whose method is
+#: not GET/HEAD/OPTIONS/TRACE reaches the backend with ``Content-Length: 0``: the upstream
+#: client (aiohttp 3.x) always adds it, and it describes the same empty body (RFC 9110 8.6
+#: recommends it for methods that define content).
+REQUEST_EMPTY_BODY_LENGTH: Final = ("content-length", "0")
+REQUEST_EMPTY_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 #: Query parameters removed: Jupyter's ``token`` (compared after percent-decoding the name,
 #: as Jupyter itself decodes it: ``%74oken`` is ``token``).

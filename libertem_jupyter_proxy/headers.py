@@ -62,12 +62,15 @@ def as_utf8(value: str) -> str | None:
 
 def filter_cookies(value: str, jupyter_cookie_names: set[str]) -> str:
     """Remove Jupyter's own cookies from a ``Cookie`` header, keep the backend's (unchanged)."""
+    parts = value.split(";")
     kept = []
-    for part in value.split(";"):
+    for part in parts:
         name = part.split("=", 1)[0].strip()
         if not name or name in jupyter_cookie_names or _JUPYTER_COOKIE.match(name):
             continue
         kept.append(part.strip())
+    if len(kept) == len(parts):
+        return value  # nothing of Jupyter's in it: the browser's bytes, unchanged
     return "; ".join(kept)
 
 
@@ -100,8 +103,10 @@ def upstream_headers(
         if lname in skip:
             continue
         if lname == contract.REQUEST_FILTERED_COOKIE:
-            parts = [as_utf8(p) for p in filter_cookies(value, jupyter_cookie_names).split("; ")]
-            kept = "; ".join(p for p in parts if p)
+            filtered = filter_cookies(value, jupyter_cookie_names)
+            kept = as_utf8(filtered) or ""
+            if not kept and filtered:  # some cookie is not UTF-8: drop only that one
+                kept = "; ".join(filter(None, (as_utf8(c) for c in filtered.split("; "))))
             if kept:
                 out.append((name, kept))
             continue

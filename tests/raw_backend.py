@@ -13,10 +13,13 @@ A script is a list of steps, run in order on the connection:
 - ``["read_body_slow", piece, pause]`` the same, ``piece`` bytes at a time with ``pause`` seconds
   between reads (a slow backend, to exercise backpressure);
 - ``["send", b64]`` write these bytes (status line, headers, body framing: all the test's);
-- ``["body", seed, size, piece, pause, framing]`` write ``size`` deterministic pseudo-random
-  bytes (:func:`pattern`) in pieces, ``framing`` "length" (raw) or "chunked" (chunk framing);
+- ``["body", seed, size, piece, pause, framing, text]`` write ``size`` deterministic
+  pseudo-random bytes (:func:`pattern`) in pieces, ``framing`` "length" (raw) or "chunked"
+  (chunk framing);
 - ``["sleep", seconds]``; ``["close"]`` close the connection now (also: after the script if the
-  body was not read, since the next request could not be found in the stream).
+  body was not read, since the next request could not be found in the stream);
+- ``["linger", seconds]`` end the answer politely: half-close, read and discard what the client
+  still sends (at most ``seconds`` between reads), then close.
 
 What the backend received is recorded under the script's ``id`` (method, target, raw header
 lines, body length and sha256, framing) and served as JSON by ``GET /_record/<id>``. Every
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import random
@@ -39,9 +43,11 @@ RECORDS: dict[str, dict[str, Any]] = {}
 MAX_HEAD = 256 * 1024
 
 
-def pattern(seed: int, size: int) -> bytes:
-    """``size`` pseudo-random bytes, the same for the same seed in the test and here."""
-    return random.Random(seed).randbytes(size)
+def pattern(seed: int, size: int, text: bool = False) -> bytes:
+    """``size`` pseudo-random bytes, the same for the same seed in the test and here
+    (``text``: hex digits, so that a text type is honest)."""
+    data = random.Random(seed).randbytes(size if not text else (size + 1) // 2)
+    return data.hex().encode()[:size] if text else data
 
 
 class Request:
@@ -104,9 +110,15 @@ async def read_body(
 
 
 async def send_body(
-    writer: asyncio.StreamWriter, seed: int, size: int, piece: int, pause: float, framing: str
+    writer: asyncio.StreamWriter,
+    seed: int,
+    size: int,
+    piece: int,
+    pause: float,
+    framing: str,
+    text: bool = False,
 ) -> None:
-    data = pattern(seed, size)
+    data = pattern(seed, size, text)
     for i in range(0, size, max(piece, 1)):
         part = data[i : i + piece]
         writer.write(b"%x\r\n%s\r\n" % (len(part), part) if framing == "chunked" else part)
@@ -186,6 +198,14 @@ class Backend:
             elif op == "sleep":
                 await asyncio.sleep(float(step[1]))
             elif op == "close":
+                return False
+            elif op == "linger":
+                # a polite early answer (RFC 9112 9.6): stop sending, read what the client
+                # still sends until it closes, then close; no reset can eat the answer
+                writer.write_eof()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while await asyncio.wait_for(reader.read(1 << 20), float(step[1])):
+                        pass
                 return False
         has_body = req.get("content-length") not in (None, b"0") or req.get("transfer-encoding")
         return bool(req.body_read or not has_body) and not script.get("close", False)

@@ -101,10 +101,12 @@ async def exchange(
     tls: ssl.SSLContext | None = None,
     then: bytes | None = None,
     timeout: float = 60.0,
+    check_closed: bool = False,
 ) -> tuple[RawResponse, RawResponse | None]:
     """Send ``head`` then ``body_pieces`` (``pause`` s apart) on a new connection to
     127.0.0.1:``port``; read the answer. ``then``: a second request on the same connection
-    (keep-alive), whose answer is returned second (None if the connection was closed)."""
+    (keep-alive), whose answer is returned second (None if the connection was closed).
+    ``check_closed``: wait a moment to see whether the server closes after its answer."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection("127.0.0.1", port, ssl=tls, limit=1 << 20), timeout
     )
@@ -137,7 +139,7 @@ async def exchange(
                 )
             except (ConnectionError, asyncio.IncompleteReadError, OSError):
                 second = None
-        else:
+        elif check_closed:
             first.closed = await _closed(reader)
         return first, second
     finally:

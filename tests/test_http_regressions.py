@@ -333,3 +333,6 @@ async def test_prefixing_convention(rig: Rig) -> None:
     ]
     names = {n.lower() for n, _ in (await rig.record(sid))["headers"]}
     assert "x-forwarded-prefix" not in names  # the backend is not told: paths are rewritten
+
+
+# --- found by the generated suites -------------------------------------------------------------
