@@ -253,7 +253,7 @@ class HttpProxyHandler(ProxyHandlerBase):
                 resp.close()
 
     def _send_unreachable(self, e: BaseException) -> None:
-        self.log.warning("LiberTEM proxy: backend request failed: %r", e, exc_info=e)
+        self.log.warning("LiberTEM proxy: backend request failed: %r", e)
         if isinstance(e, asyncio.TimeoutError):
             error = BackendError(
                 "request-timeout",
@@ -313,6 +313,10 @@ class HttpProxyHandler(ProxyHandlerBase):
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as e:
             # the backend died mid-body: the browser must see a broken response, not a short one
             self.log.warning("LiberTEM proxy: backend response broke off: %r", e)
+            if not self._headers_written and not self._finished:
+                # nothing sent yet (a small body is read whole first): say what happened
+                self._send_unreachable(e)
+                return
             with contextlib.suppress(Exception):
                 self.request.connection.stream.close()  # type: ignore[attr-defined]
 

@@ -13,9 +13,9 @@ A script is a list of steps, run in order on the connection:
 - ``["read_body_slow", piece, pause]`` the same, ``piece`` bytes at a time with ``pause`` seconds
   between reads (a slow backend, to exercise backpressure);
 - ``["send", b64]`` write these bytes (status line, headers, body framing: all the test's);
-- ``["body", seed, size, piece, pause, framing, text]`` write ``size`` deterministic
+- ``["body", seed, size, piece, pause, framing, text, cut]`` write ``size`` deterministic
   pseudo-random bytes (:func:`pattern`) in pieces, ``framing`` "length" (raw) or "chunked"
-  (chunk framing);
+  (chunk framing); with ``cut``, stop after that many bytes and close the connection;
 - ``["sleep", seconds]``; ``["close"]`` close the connection now (also: after the script if the
   body was not read, since the next request could not be found in the stream);
 - ``["linger", seconds]`` end the answer politely: half-close, read and discard what the client
@@ -117,14 +117,20 @@ async def send_body(
     pause: float,
     framing: str,
     text: bool = False,
+    cut: int | None = None,
 ) -> None:
+    """``cut``: stop after this many bytes and close (a backend that dies mid-body)."""
     data = pattern(seed, size, text)
-    for i in range(0, size, max(piece, 1)):
+    if cut is not None:
+        data = data[:cut]
+    for i in range(0, len(data), max(piece, 1)):
         part = data[i : i + piece]
         writer.write(b"%x\r\n%s\r\n" % (len(part), part) if framing == "chunked" else part)
         await writer.drain()
         if pause:
             await asyncio.sleep(pause)
+    if cut is not None:
+        raise ConnectionAbortedError("cut on purpose")
     if framing == "chunked":
         writer.write(b"0\r\n\r\n")
         await writer.drain()

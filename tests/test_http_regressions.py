@@ -336,3 +336,18 @@ async def test_prefixing_convention(rig: Rig) -> None:
 
 
 # --- found by the generated suites -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_backend_dies_before_small_body_complete(rig: Rig, framing: str) -> None:
+    """Found by test_body_integrity: a 51-byte body cut at 0 bytes. The proxy reads small
+    bodies whole before answering, so nothing was sent yet: the browser now gets a 502 that
+    names the problem instead of a connection closed without any answer."""
+    head = [("Content-Type", "application/octet-stream")]
+    head.append(
+        ("Transfer-Encoding", "chunked") if framing == "chunked" else ("Content-Length", "51")
+    )
+    steps = [send(response_head("200 OK", head)), scripts.body(3, 51, 1, 0, framing) + [False, 0]]
+    resp, _ = await rig.proxied("GET", "x", [header(steps, scripts.new_id())])
+    assert resp.status == 502
+    await settled(rig)
