@@ -347,7 +347,7 @@ async def test_backend_dies_before_small_body_complete(rig: Rig, framing: str) -
     head.append(
         ("Transfer-Encoding", "chunked") if framing == "chunked" else ("Content-Length", "51")
     )
-    steps = [send(response_head("200 OK", head)), scripts.body(3, 51, 1, 0, framing) + [False, 0]]
+    steps = [send(response_head("200 OK", head)), [*scripts.body(3, 51, 1, 0, framing), False, 0]]
     resp, _ = await rig.proxied("GET", "x", [header(steps, scripts.new_id())])
     assert resp.status == 502
     await settled(rig)
