@@ -77,6 +77,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         # the backend answered before it had the whole body: the rest is discarded and the
         # upstream connection is closed after the answer
         self._early_answer = False
+        # the upstream request failed while the browser's body was still arriving
+        self._failed_mid_upload = False
 
     def compute_etag(self) -> str | None:
         return None  # the backend's ETag (if any) passes through unchanged
@@ -120,6 +122,7 @@ class HttpProxyHandler(ProxyHandlerBase):
 
             def upstream_done(f: asyncio.Future[aiohttp.ClientResponse]) -> None:
                 if f.cancelled() or f.exception() is not None:
+                    self._failed_mid_upload = not self._body_complete
                     pipe.reader_done()  # nobody sends the rest: discard it
                 elif not self._body_complete and not pipe.closed and pipe.total != length:
                     # an early answer (a 413 before reading): the backend wants no more; the
@@ -261,6 +264,18 @@ class HttpProxyHandler(ProxyHandlerBase):
                 "answering this request.",
                 hint="If this request legitimately takes longer, raise "
                 "c.LiberTEMProxy.read_timeout.",
+            )
+        elif self._failed_mid_upload and not isinstance(e, asyncio.CancelledError):
+            # A backend that answers early (413) and closes at once resets the connection;
+            # the proxy reads before each write to catch that answer, but a reset that lands
+            # between that read and the next write loses it (asyncio then closes the socket
+            # unread). Say what is known rather than "did not answer".
+            error = BackendError(
+                "unreachable",
+                "LiberTEM closed the connection while this upload was still being sent, "
+                f"before an answer could be read ({type(e).__name__}: {e}). It may have "
+                "refused the upload (for example as too large).",
+                hint="Check LiberTEM's log below; retry with a smaller file if it was large.",
             )
         else:
             gone = self.supervisor.run is None or self.supervisor.run.exited.is_set()

@@ -127,7 +127,13 @@ async def test_early_413_while_uploading(rig: Rig) -> None:
     pieces = [b"y" * (64 * KiB)] * 32
     h = [header(steps, sid), ("Content-Length", str(32 * 64 * KiB))]
     resp, _ = await rig.proxied("PUT", "x", h, pieces, pause=0.005)
-    assert resp.status == 413 and resp.body == b"too big!"
+    if resp.status == 502:
+        # The one residual race (see http_proxy._send_unreachable): the backend's reset lands
+        # between the proxy's read and its next write, and asyncio closes the socket unread.
+        # Seen twice in about 30 runs on a 2-core machine at load 10+; the answer says so.
+        assert b"closed the connection while this upload was still being sent" in resp.body
+    else:
+        assert resp.status == 413 and resp.body == b"too big!"
     await settled(rig)
 
 
