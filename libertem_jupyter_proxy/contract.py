@@ -159,6 +159,12 @@ GZIP_ADDED: Final = ("content-encoding", "vary")
 GZIP_REMOVED: Final = ("content-length", "accept-ranges")
 GZIP_WEAKENED: Final = "etag"
 
+#: Freshness for content-hashed GUI assets (``asset_cache``, issue 17): a GET/HEAD 200 for
+#: ``/assets/<name>-<hash>.<ext>`` without a ``Cache-Control`` of the backend's gets
+#: ``Cache-Control: private, max-age=31536000, immutable``; the backend's own always wins.
+#: (The differential suite's paths are not hashed assets; tests/test_asset_cache.py holds this.)
+HASHED_ASSET_CACHE_CONTROL: Final = "cache-control"
+
 #: Statuses that carry no body (RFC 9110 6.4.1): a ``Content-Length`` on them describes the
 #: resource, not the message; it passes on a 304 and is dropped on 204 and 1xx. Interim 1xx
 #: answers of the backend are not relayed (Jupyter sends its own ``100 Continue``).
