@@ -45,7 +45,11 @@ class StatusHandler(_ControlBase):
 
     @web.authenticated
     def get(self) -> None:
-        self.finish(json.dumps(self.supervisor.status()))
+        body = self.supervisor.status()
+        # the worker count the GUI proposes and where it came from (sizing.py)
+        sizing = self.settings[SETTINGS_KEY].sizing
+        body["sizing"] = sizing.to_dict() if sizing is not None else None
+        self.finish(json.dumps(body))
 
 
 class LogHandler(_ControlBase):
