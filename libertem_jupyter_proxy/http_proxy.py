@@ -250,6 +250,8 @@ class HttpProxyHandler(ProxyHandlerBase):
                 self.set_header(name, value)
                 seen.add(lname)
         gzip = self._gzip_for(resp)
+        if adapt is not None:
+            self.clear_header("ETag")  # gzip's weak ETag derives from the backend's
         kept = asset_cache.apply(self, resp, gzip is not None)  # Cache-Control, kept gzip bodies
         try:
             if self.request.method == "HEAD":

@@ -48,9 +48,7 @@ class Tree:
         n = len(self.mount_lines) + 30
         fstype = "cgroup2" if version == 2 else "cgroup"
         opts = "rw,nosuid,nodev,noexec,relatime" + ("," + options if options else "")
-        self.mount_lines.append(
-            f"{n} 25 0:{n} {root} {point} rw,nosuid - {fstype} {fstype} {opts}"
-        )
+        self.mount_lines.append(f"{n} 25 0:{n} {root} {point} rw,nosuid - {fstype} {fstype} {opts}")
         return point
 
     def member(self, hid: int, controllers: str, path: str) -> None:
@@ -101,8 +99,11 @@ def test_cgroup_v1_cpu_quota_of_an_ancestor(tree: Tree) -> None:
     path = "/slurm_node1/uid_1000/job_7/step_0/task_0"
     tree.member(4, "cpu,cpuacct", path)
     tree.write(cpu, "", {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"})
-    tree.write(cpu, "/slurm_node1/uid_1000/job_7", {"cpu.cfs_quota_us": "300000",
-                                                     "cpu.cfs_period_us": "100000"})
+    tree.write(
+        cpu,
+        "/slurm_node1/uid_1000/job_7",
+        {"cpu.cfs_quota_us": "300000", "cpu.cfs_period_us": "100000"},
+    )
     tree.write(cpu, path, {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"})
     fig = tree.figure()
     assert (fig.cpus, fig.source) == (3, "cgroup-cpu")
