@@ -12,7 +12,7 @@ Started and stopped here, in this order:
 - ``slurmctld`` and ``slurmd`` with ``docs/snippets/slurm.conf`` and ``cgroup.conf`` (the files
   the docs show, placeholders filled in); at the end the ``slurm_<host>`` cgroup directories
   Slurm leaves behind are removed;
-- JupyterHub (``tests/hpc/jupyterhub_config_test.py``, which loads
+- JupyterHub (``tests/hpc/jupyterhub_config.py``, which loads
   ``docs/snippets/jupyterhub_config_slurm.py``) with configurable-http-proxy, user servers as
   Slurm jobs; LiberTEM from its own venv through ``docs/snippets/libertem-wrapper.sh`` and the
   Lmod module ``docs/snippets/libertem-module.lua``.
@@ -31,6 +31,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -125,7 +126,7 @@ def run_dirs(uid: int, *roots: Path) -> list[Path]:
 
 def in_own_netns() -> bool:
     """Only ``lo`` exists: this process runs in a network namespace of its own."""
-    return sorted(os.listdir("/sys/class/net")) == ["lo"]
+    return [name for _, name in socket.if_nameindex()] == ["lo"]  # (/sys/class/net is not)
 
 
 def _require() -> None:
@@ -381,7 +382,7 @@ def _start_hub(c: Cluster) -> None:
         "LTJP_HPC_USER": c.user,
         "LTJP_HPC_SERVICE_TOKEN": c.service_token,
     }
-    config = REPO / "tests" / "hpc" / "jupyterhub_config_test.py"
+    config = REPO / "tests" / "hpc" / "jupyterhub_config.py"
     proc = _start(
         c, "jupyterhub", [str(JUPYTER_ENV / "bin" / "jupyterhub"), "-f", str(config)], env, cwd=hub
     )

@@ -24,7 +24,7 @@ import pytest
 
 from ..e2e.test_hub import Events, User, connect_cluster, load_dataset_and_analyse, write_npy
 from ..helpers import CHROMIUM_ARGS
-from .conftest import HUB, LIBERTEM_ENV, PASSWORD, Cluster, wait_until
+from .conftest import HUB, JUPYTER_ENV, LIBERTEM_ENV, PASSWORD, Cluster, wait_until
 
 pytestmark = [pytest.mark.hpc, pytest.mark.slow, pytest.mark.browser]
 
@@ -67,8 +67,8 @@ def _job_processes(c: Cluster) -> dict[str, list[int]]:
     for pid, cmd in c.processes():
         cgroup = Path(f"/proc/{pid}/cgroup").read_text()
         assert re.search(r"/slurm[^/]*/uid_\d+/job_\d+", cgroup), (cmd, cgroup)
-        if "jupyterhub-singleuser" in cmd:
-            kinds["singleuser"].append(pid)
+        if "jupyterhub-singleuser" in cmd and cmd.startswith(str(JUPYTER_ENV)):
+            kinds["singleuser"].append(pid)  # (srun's own two processes name it too)
         elif "libertem-server" in cmd:
             kinds["libertem-server"].append(pid)
         else:
