@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Memory one LiberTEM 0.16 compute worker needs. Measured here (LiberTEM 0.16.0, distributed
-# 2026.8, Python 3.11): a worker's RSS is ~230 MiB idle and 250-290 MiB after a disk analysis
-# of a small dataset; LiberTEM's tiling keeps per-worker buffers to a few MiB (its tile size
-# targets the CPU cache), but a UDF's result buffers and numba's compiled code come on top.
-# 384 MiB leaves room for that without refusing workers that would run fine.
+# 2026.8, Python 3.11, Debian 12): a compute worker's RSS is 202 MiB idle (PSS 145 MiB) and
+# 342 MiB (PSS 282 MiB) after a sum and a disk analysis of a 64 MiB dataset of 128x128 frames;
+# a UDF's result buffers and numba's compiled code are what grows. 384 MiB is that plus ~10%.
 WORKER_MEMORY = 384 * 1024**2
-# Set aside before dividing the memory limit among workers: the Jupyter server (~100 MiB),
-# libertem-server's main process (230-300 MiB), its dask service worker (~230 MiB) and
-# resource tracker (~20 MiB), measured with LiberTEM 0.16.0. Rounded up to 768 MiB.
+# Set aside before dividing the memory limit among workers (same measurement): the Jupyter
+# server (80-100 MiB), libertem-server's main process (230-300 MiB), its dask service worker
+# (~200 MiB) and resource tracker (~12 MiB): ~560 MiB, rounded up to 768 MiB.
 RESERVED_MEMORY = 768 * 1024**2
 
 _NO_LIMIT_V1 = 1 << 62  # memory.limit_in_bytes when unlimited is 2^63-1 rounded to a page

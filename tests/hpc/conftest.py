@@ -13,7 +13,8 @@ Started and stopped here, in this order:
   the docs show, placeholders filled in); at the end the ``slurm_<host>`` cgroup directories
   Slurm leaves behind are removed;
 - JupyterHub (``tests/hpc/jupyterhub_config.py``, which loads
-  ``docs/snippets/jupyterhub_config_slurm.py``) with configurable-http-proxy, user servers as
+  ``docs/snippets/jupyterhub_config_slurm.py`` and ``jupyterhub_config_single_node.py``) with
+  configurable-http-proxy, user servers as
   Slurm jobs; LiberTEM from its own venv through ``docs/snippets/libertem-wrapper.sh`` and the
   Lmod module ``docs/snippets/libertem-module.lua``.
 
@@ -376,6 +377,7 @@ def _start_hub(c: Cluster) -> None:
         "HOME": str(hub),
         "LANG": "C.UTF-8",
         "LTJP_HPC_SITE_CONFIG": str(site),
+        "LTJP_HPC_SINGLE_NODE_CONFIG": str(SNIPPETS / "jupyterhub_config_single_node.py"),
         "LTJP_HPC_CHP": str(CHP),
         "LTJP_HPC_HUB_DIR": str(hub),
         "LTJP_HPC_PASSWORD": PASSWORD,

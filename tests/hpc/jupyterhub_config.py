@@ -1,35 +1,16 @@
-# Test-only part of the HPC test's jupyterhub_config.py (tests/hpc/conftest.py). It loads the
-# site configuration the docs show (docs/snippets/jupyterhub_config_slurm.py, placeholders
-# filled in), then adds what a one-machine cluster in a network namespace needs.
+# The HPC test's jupyterhub_config.py (tests/hpc/conftest.py starts JupyterHub with it). It
+# loads docs/snippets/jupyterhub_config_slurm.py (placeholders filled in) and
+# docs/snippets/jupyterhub_config_single_node.py, then adds the test harness.
 import os
-
-import batchspawner
-from traitlets import Unicode
 
 c = get_config()  # noqa: F821
 env = os.environ
+# the site part and the one-machine part, as the docs show them (docs/snippets/)
 load_subconfig(env["LTJP_HPC_SITE_CONFIG"])  # noqa: F821
+load_subconfig(env["LTJP_HPC_SINGLE_NODE_CONFIG"])  # noqa: F821
 
-
-class LoopbackSlurmSpawner(batchspawner.SlurmSpawner):
-    """The job runs on this machine: its server listens where the hub is, on 127.0.0.1.
-
-    batchspawner 1.3.0's start() resets ``ip`` to the trait's class default (so
-    ``c.SlurmSpawner.ip`` is ignored), and takes the host from squeue's node name.
-    """
-
-    ip = Unicode("127.0.0.1")
-
-    def state_gethost(self) -> str:
-        return "127.0.0.1"
-
-
-c.JupyterHub.spawner_class = LoopbackSlurmSpawner
-# The hub runs as root and there is no sudo: run sbatch/squeue/scancel as the user with runuser.
-c.SlurmSpawner.exec_prefix = "runuser -u {username} --"
-# The test's slurm.conf is not in /etc/slurm: sbatch, and srun inside the job, need SLURM_CONF.
-c.Spawner.env_keep = ["SLURM_CONF", "LANG"]
-
+# the test harness: fixed ports (the network namespace is the test's own), state files,
+# a shared password for the test user, and an admin service for the REST API
 c.JupyterHub.bind_url = "http://127.0.0.1:8000"
 c.JupyterHub.hub_bind_url = "http://127.0.0.1:8081"
 c.ConfigurableHTTPProxy.command = [env["LTJP_HPC_CHP"]]
