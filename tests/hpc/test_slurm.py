@@ -29,7 +29,7 @@ from .conftest import HUB, JUPYTER_ENV, LIBERTEM_ENV, PASSWORD, Cluster, wait_un
 pytestmark = [pytest.mark.hpc, pytest.mark.slow, pytest.mark.browser]
 
 TIMEOUT_MS = 120_000
-GONE_TIMEOUT = 30.0  # Slurm: KillWait=5 s, then SIGKILL of the whole cgroup
+GONE_TIMEOUT = 45.0  # Slurm: SIGTERM, KillWait=30 s, then SIGKILL of the whole cgroup
 
 
 class _Hub:
@@ -133,9 +133,11 @@ async def _browser_session(c: Cluster, artifacts: Path, npy: Path) -> dict[str, 
 
 def test_libertem_in_a_slurm_job(cluster: Cluster, artifacts: Path) -> None:
     c = cluster
-    npy = c.home / "data" / "scan.npy"
+    # in the home directory, where the GUI's file browser opens (libertem-server's cwd): the
+    # browser's first listing and the one for the typed path then show the same directory,
+    # whichever of the two answers comes last
+    npy = c.home / "scan.npy"
     write_npy(npy)
-    shutil.chown(npy.parent, c.user)
     shutil.chown(npy, c.user)
 
     t0 = time.monotonic()
