@@ -422,6 +422,11 @@ def cluster(artifacts: Path) -> Iterator[Cluster]:
     slurm_env = {"PATH": SYSTEM_PATH, "SLURM_CONF": str(root / "slurm" / "slurm.conf")}
     c = Cluster(root, user, uid, home, secrets.token_hex(24), slurm_env)
     notes: list[str] = []
+    # a new user has no files yet; anything of its uid in /tmp is from an earlier (interrupted)
+    # run whose user had the same uid, and would be taken for this run's leftovers
+    for stale in c.run_dirs():
+        notes.append(f"removed stale {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         _start_munge(c)
         _start_slurm(c)
@@ -440,6 +445,9 @@ def cluster(artifacts: Path) -> Iterator[Cluster]:
             if name in c.procs:
                 _stop(c.procs[name])
         c.save_logs(artifacts / "logs")
+        for left in c.run_dirs():  # the test reports them; they must not outlive the user
+            notes.append(f"removed {left}")
+            shutil.rmtree(left, ignore_errors=True)
         notes += [f"killed {k}" for k in _remove_user(user, uid)]
         for d in _slurm_cgroup_dirs():
             _remove_cgroup_tree(d)
