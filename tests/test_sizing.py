@@ -318,3 +318,37 @@ def test_unknown_config_shapes_pass_unchanged(body: bytes) -> None:
 def test_rewrite_drops_headers_that_describe_the_old_body() -> None:
     raw = [("Content-Type", "application/json"), ("Content-Length", "99"), ("Etag", '"abc"')]
     assert adaptations.ConfigRewrite(1).headers(raw) == [("Content-Type", "application/json")]
+
+
+# ---------------------------------------------------------------------------- through the proxy
+# (the fake libertem-server answers api/config/ in LiberTEM's shape; the real one is in
+# test_sizing_real.py)
+
+
+@pytest.mark.proxy_config(cpus=1)
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_proxy_rewrites_only_the_config_answer(client, supervisor, encoding: str) -> None:
+    await supervisor.ensure_running()
+    r = await client.fetch(
+        "libertem/api/config/",
+        headers={"Accept-Encoding": encoding},
+        decompress_response=True,
+    )
+    assert r.code == 200
+    config = json.loads(r.body)["config"]
+    assert config["localCores"] == 1 and config["devices"]["cpus"] == [0]
+    assert "Etag" not in r.headers  # neither the backend's nor gzip's weak one
+    if encoding == "identity":
+        assert int(r.headers["Content-Length"]) == len(r.body)
+    # the other answers under api/config/ are not touched
+    conn = await client.json("libertem/api/config/connection/")
+    assert conn == {"status": "disconnected", "connection": {}}
+
+
+@pytest.mark.proxy_config(cpus="host")
+async def test_proxy_host_setting_passes_the_config_through(client, supervisor) -> None:
+    await supervisor.ensure_running()
+    r = await client.fetch("libertem/api/config/")
+    assert json.loads(r.body)["config"]["localCores"] == (sizing.os.cpu_count() or 1)
+    status = await client.json("libertem-proxy/api/status")
+    assert status["sizing"] == {"setting": "host", "cpus": None, "source": "host", "bounds": []}
