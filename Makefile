@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
 .PHONY: install install-demo demo test test-fast test-slow test-e2e e2e-setup lint format bench \
-	bench-quick soak docs clean
+	bench-quick soak docs clean hpc-setup test-hpc
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -73,6 +73,18 @@ e2e-setup: install
 test-e2e: e2e-setup
 	LTJP_E2E_REQUIRED=1 $(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
 
+# HPC end to end (tests/hpc/): munge + Slurm + Lmod + JupyterHub 6.1.1 + batchspawner 1.3.0 +
+# Chromium, as root, in a network namespace of its own (every address is loopback); a test user
+# is created and removed. Environments below /opt/ltjp-hpc (HPC_DIR), built once.
+hpc-setup: install
+	bash tests/hpc/setup.sh
+
+# (127.0.0.2 on lo: glibc's getaddrinfo(AI_ADDRCONFIG), used by Slurm, finds no IPv4 when the
+# only address is 127.0.0.1, and Slurm then cannot resolve even "127.0.0.1")
+test-hpc: hpc-setup
+	unshare --net -- sh -c 'ip link set lo up && ip addr add 127.0.0.2/8 dev lo && \
+		LTJP_HPC_REQUIRED=1 $(RUN) $(PY) -m pytest -m hpc tests/hpc $(PYTEST_ARGS)'
+
 lint: install
 	$(VENV)/bin/ruff check libertem_jupyter_proxy tests bench docs
 	$(VENV)/bin/ruff format --check libertem_jupyter_proxy tests bench docs
@@ -97,5 +109,5 @@ soak: install
 	$(RUN) $(PY) bench/soak.py --minutes 10
 
 clean:
-	rm -rf $(VENV) build dist docs/_build .e2e e2e-artifacts libertem_jupyter_proxy/labextension \
+	rm -rf $(VENV) build dist docs/_build .e2e e2e-artifacts hpc-artifacts libertem_jupyter_proxy/labextension \
 		labextension/node_modules labextension/.yarn

@@ -49,6 +49,9 @@ class StatusHandler(_ControlBase):
         body = self.supervisor.status()
         # memory, CPU, processes, workers of LiberTEM's process group (resources.py)
         body["resources"] = await status_resources(self.supervisor)
+        # the worker count the GUI proposes and where it came from (sizing.py)
+        sizing = self.settings[SETTINGS_KEY].sizing
+        body["sizing"] = sizing.to_dict() if sizing is not None else None
         self.finish(json.dumps(body))
 
 

@@ -17,12 +17,13 @@ import aiohttp
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from tornado.routing import PathMatches, Rule
-from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 
 from ._version import __version__
 from .api import LogHandler, RestartHandler, StartHandler, StatusHandler, StopHandler
 from .base import PROXY_PATH, SETTINGS_KEY
 from .http_proxy import AddSlashHandler, HttpProxyHandler
+from .sizing import CpuFigure, cpu_figure
 from .supervisor import Supervisor, SupervisorConfig
 from .ws_proxy import WebSocketProxyHandler
 
@@ -55,6 +56,12 @@ class ProxySettings:
     activity_exclude: list[re.Pattern[str]]
     loading_page_delay: float
     compress: bool
+    sizing: CpuFigure | None = None  # c.LiberTEMProxy.cpus, resolved once at start (sizing.py)
+
+    @property
+    def cpus(self) -> int | None:
+        """Workers the GUI proposes (adaptations.py); None: LiberTEM's own count."""
+        return self.sizing.cpus if self.sizing is not None else None
 
 
 class LiberTEMProxy(ExtensionApp):
@@ -183,6 +190,27 @@ class LiberTEMProxy(ExtensionApp):
         takes longer than this many seconds (API requests and websockets wait instead).""",
     ).tag(config=True)
 
+    cpus = Union(
+        [Int(), Unicode()],
+        default_value="auto",
+        help="""Number of workers LiberTEM's GUI proposes (its api/config/ answer is rewritten, see
+        the docs' HPC section). "auto": the smallest of the CPU affinity, the cgroup CPU quota,
+        CPU_LIMIT, SLURM_CPUS_ON_NODE/SLURM_JOB_CPUS_PER_NODE and a memory bound (cgroup memory
+        limit or MEM_LIMIT, 768 MiB reserved + 384 MiB per worker). An integer: that number.
+        "host": LiberTEM's own count (the host's physical cores), nothing rewritten.""",
+    ).tag(config=True)
+
+    @validate("cpus")
+    def _valid_cpus(self, proposal: Any) -> int | str:
+        value = proposal["value"]
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # from the command line: --LiberTEMProxy.cpus=4
+        if value in ("auto", "host") or (isinstance(value, int) and value >= 1):
+            return value
+        raise TraitError(
+            f"LiberTEMProxy.cpus must be 'auto', 'host' or an integer >= 1, not {value!r}"
+        )
+
     @validate("command", "extra_args")
     def _json_list(self, proposal: Any) -> list[str]:
         """Accept ``--LiberTEMProxy.command='["a", "b"]'`` on the command line too.
@@ -240,7 +268,9 @@ class LiberTEMProxy(ExtensionApp):
             activity_exclude=[re.compile(p) for p in self.activity_exclude],
             loading_page_delay=self.loading_page_delay,
             compress=self.compress,
+            sizing=cpu_figure(self.cpus),
         )
+        self.log.info(self.settings[SETTINGS_KEY].sizing.describe())
 
     def initialize_handlers(self) -> None:
         assert self.serverapp is not None

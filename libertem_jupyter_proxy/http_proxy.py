@@ -29,7 +29,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import SSLIOStream, StreamClosedError
 from yarl import URL
 
-from . import asset_cache, contract, splice
+from . import adaptations, asset_cache, contract, splice
 from .backend_run import BackendRun
 from .base import ProxyHandlerBase
 from .body_pipe import BodyPipe
@@ -296,6 +296,12 @@ class HttpProxyHandler(ProxyHandlerBase):
         # raw bytes as latin-1 text: tornado writes header text back as latin-1, so non-ASCII
         # bytes in the backend's headers reach the browser unchanged
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+        # the one response edited on purpose (adaptations.py): the CPU count LiberTEM proposes
+        adapt = adaptations.for_response(
+            self.request.method, self.upstream_path(), resp.status, self.proxy_settings.cpus
+        )
+        if adapt is not None:
+            raw = adapt.headers(raw)
         for name, value in response_headers(raw, self._run.port, self.prefix):
             lname = name.lower()
             if lname in seen or lname in _KEEP_JUPYTER:
@@ -307,6 +313,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         if resp.status == 204:
             self.clear_header("Content-Length")  # RFC 9110 8.6: never on a 204
         gzip = self._gzip_for(resp)
+        if adapt is not None:
+            self.clear_header("ETag")  # gzip's weak ETag derives from the backend's
         kept = asset_cache.apply(self, resp, gzip is not None)  # Cache-Control, kept gzip bodies
         try:
             if no_body:
@@ -316,9 +324,11 @@ class HttpProxyHandler(ProxyHandlerBase):
                 await self.flush()
             elif kept is not None:
                 self.write(await kept)
-            elif _is_small(resp):
+            elif _is_small(resp) or adapt is not None:
                 # the common API answer: read it whole and send headers and body in one write
                 body = await resp.read()
+                if adapt is not None:
+                    body = adapt.body(body)
                 self.write(gzip.compress(body) + gzip.finish() if gzip else body)
             else:
                 await self._stream_body(resp, gzip)

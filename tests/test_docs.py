@@ -352,6 +352,7 @@ def check_status_example(tmp_path: Path) -> None:
     from libertem_jupyter_proxy.resources import GroupResources
 
     real["resources"] = {f.name: None for f in fields(GroupResources)}
+    real["sizing"] = None  # added by api.StatusHandler (sizing.py; see status-sizing.json)
     assert set(shown) == set(real), f"status fields differ: {set(shown) ^ set(real)}"
     assert set(shown["resources"]) == set(real["resources"]), shown["resources"]
 
@@ -404,7 +405,8 @@ def check_wrapper(tmp_path: Path) -> None:
             cmdline = Path(f"/proc/{run.pid}/cmdline").read_bytes().split(b"\0")
             # exec: the process the proxy started is now libertem-server itself
             assert any(b"fake_libertem_server.py" in part for part in cmdline), cmdline
-            assert "--cpus=2" in [p.decode() for p in cmdline]
+            # no --cpus: the GUI asks, and proposes the job's CPUs (c.LiberTEMProxy.cpus)
+            assert not any(p.startswith(b"--cpus") for p in cmdline), cmdline
             t = time.monotonic()
             await sup.stop()
             return sup.status(), time.monotonic() - t
@@ -421,10 +423,51 @@ def check_wrapper(tmp_path: Path) -> None:
 
 
 def check_hub_slurm(tmp_path: Path) -> None:
+    """Parsed here; run for real (placeholders filled) by tests/hpc (make test-hpc)."""
     c = _load_python_config(_snippet("jupyterhub_config_slurm.py"))
     assert c.JupyterHub.spawner_class == "batchspawner.SlurmSpawner"
+    assert c.SlurmSpawner.req_srun == "srun --export=ALL"
+    assert "module use @MODULEPATH@" in c.SlurmSpawner.req_prologue
     app = _check_cli_flags(list(c.Spawner.args))
-    assert Path(app.libertem_server_path).name == "libertem-wrapper.sh"
+    assert app.libertem_server_path == "@WRAPPER@"
+    _check_run_by_hpc_test("jupyterhub_config_slurm.py")
+
+
+def _check_run_by_hpc_test(name: str) -> None:
+    """The HPC end-to-end test (tests/hpc/) uses this very snippet file."""
+    conftest = (REPO / "tests" / "hpc" / "conftest.py").read_text()
+    assert f'SNIPPETS / "{name}"' in conftest, f"tests/hpc/conftest.py does not use {name}"
+
+
+def check_hpc_file(tmp_path: Path) -> None:
+    """slurm.conf, cgroup.conf, the Lmod module, the one-machine hub part: run by tests/hpc."""
+
+
+def check_slurm_conf(tmp_path: Path) -> None:
+    settings = dict(
+        line.split("=", 1)
+        for line in _snippet("slurm.conf").splitlines()
+        if "=" in line and not line.startswith("#") and not line.startswith("@")
+    )
+    # the settings the docs explain
+    assert settings["ProctrackType"] == "proctrack/cgroup"
+    assert settings["TaskPlugin"] == "task/cgroup,task/affinity"
+    cgroup = dict(
+        line.split("=", 1) for line in _snippet("cgroup.conf").splitlines() if "=" in line
+    )
+    assert cgroup["ConstrainCores"] == "yes" and cgroup["ConstrainRAMSpace"] == "yes"
+    for name in ("slurm.conf", "cgroup.conf", "libertem-module.lua"):
+        _check_run_by_hpc_test(name)
+    _check_run_by_hpc_test("jupyterhub_config_single_node.py")
+
+
+def check_status_sizing(tmp_path: Path) -> None:
+    from libertem_jupyter_proxy.sizing import Bound, CpuFigure
+
+    shown = json.loads(_snippet("status-sizing.json"))["sizing"]
+    real = CpuFigure("auto", 1, "affinity", [Bound("affinity", 1, "x")]).to_dict()
+    assert set(shown) == set(real)
+    assert all(set(b) == set(real["bounds"][0]) for b in shown["bounds"])  # type: ignore[index]
 
 
 def _mib(quantity: str) -> float:
@@ -493,6 +536,11 @@ SNIPPETS: dict[str, Callable[[Path], None]] = {
     "status-example.json": check_status_example,
     "libertem-wrapper.sh": check_wrapper,
     "jupyterhub_config_slurm.py": check_hub_slurm,
+    "jupyterhub_config_single_node.py": check_hpc_file,
+    "slurm.conf": check_slurm_conf,
+    "cgroup.conf": check_slurm_conf,
+    "libertem-module.lua": check_hpc_file,
+    "status-sizing.json": check_status_sizing,
     "z2jh-config.yaml": check_z2jh,
     "Dockerfile": check_dockerfile,
     "nginx-jupyterhub.conf": check_nginx,

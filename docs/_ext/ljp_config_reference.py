@@ -34,8 +34,10 @@ def configurable_traits() -> list[tuple[str, Any]]:
 
 def type_name(trait: Any) -> str:
     """Words for a trait's type: ``float``, ``list of str``, ``dict of str to str``..."""
-    from traitlets import Bool, Dict, Float, Int, List, Unicode
+    from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 
+    if isinstance(trait, Union):
+        return " or ".join(type_name(t) for t in trait.trait_types)
     simple = {Bool: "bool", Float: "float", Int: "int", Unicode: "str"}
     for cls, word in simple.items():
         if isinstance(trait, cls):

@@ -4,12 +4,12 @@
 # options (--no-browser --host --port --token-path --local-directory) as arguments.
 set -euo pipefail
 
-# Lmod and Environment Modules export `module` to child shells; if they did not, load it.
+# Lmod exports `module` to child shells; if it did not (a clean environment), load it.
 if ! command -v module >/dev/null 2>&1; then
-    source /etc/profile.d/modules.sh
+    source /etc/profile.d/lmod.sh
 fi
 module load libertem/0.16.0
 
 # exec: libertem-server replaces this shell, so the proxy's stop signal reaches it directly.
-# One dask worker per CPU of the batch job (1 outside of Slurm); "$@" passes the proxy's options.
-exec libertem-server --cpus="${SLURM_CPUS_PER_TASK:-1}" "$@"
+# No --cpus: the GUI proposes as many workers as the job has CPUs (c.LiberTEMProxy.cpus).
+exec libertem-server "$@"
