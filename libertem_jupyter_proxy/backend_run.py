@@ -7,6 +7,7 @@ starts (a new port, a new token, a new client each time).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -16,7 +17,7 @@ import time
 import aiohttp
 import aiohttp.abc
 
-from . import process
+from . import dask_tls, port_owner, process
 from .errors import BackendError
 
 
@@ -38,6 +39,8 @@ class BackendRun:
         self.reader: asyncio.Task[None] | None = None
         self.idle_watch: asyncio.Task[None] | None = None
         self.stopping = False
+        # the listener on ``port`` was proved to be libertem-server's (port_owner.check)
+        self.port_proven = False
 
     @property
     def pid(self) -> int | None:
@@ -112,3 +115,57 @@ def new_session() -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
     )
+
+
+def cluster_environment(run_dir: str, tls: bool) -> dict[str, str]:
+    """The ``DASK_*`` variables of one run (see :mod:`.dask_tls`); with ``tls``, a fresh CA,
+    certificate and key in ``run_dir``. Raises BackendError if they cannot be written."""
+    try:
+        creds = dask_tls.make_credentials(run_dir) if tls else None
+    except OSError as e:
+        raise BackendError(
+            "not-found",
+            f"Could not write the TLS keys for LiberTEM's dask cluster in {run_dir}: "
+            f"{e.strerror or e}.",
+            hint="Check that the temporary directory is writable and not full; "
+            "c.LiberTEMProxy.dask_tls = False turns the cluster's TLS off.",
+        ) from None
+    return dask_tls.cluster_environment(creds)
+
+
+_unverifiable_warned = False
+
+
+def prove_port(run: BackendRun, log: logging.Logger) -> bool:
+    """May the proxy talk to ``run``'s port yet? Call before every request until it says so.
+
+    False while nobody listens there; True once every listener that ``127.0.0.1:port``
+    reaches is held by the run's process group (and from then on, without looking again:
+    the kernel keeps the port ours while libertem-server holds the socket). Raises
+    :class:`.port_owner.PortSquatted` when someone else listens there.
+    """
+    global _unverifiable_warned
+    if run.port_proven:
+        return True
+    if run.pid is None:
+        return False
+    verdict = port_owner.check(run.port, run.pid)
+    if verdict.owner is port_owner.Owner.NONE:
+        return False
+    if verdict.owner is port_owner.Owner.FOREIGN:
+        log.warning(
+            "Port %d, chosen for LiberTEM, is held by %s, not by LiberTEM's process group %d: "
+            "nothing is sent there; LiberTEM is started again on another port.",
+            run.port,
+            port_owner.describe(verdict),
+            run.pid,
+        )
+        raise port_owner.PortSquatted(run.port, verdict)
+    if verdict.owner is port_owner.Owner.UNVERIFIABLE and not _unverifiable_warned:
+        _unverifiable_warned = True
+        log.warning(
+            "This system has no /proc/net/tcp: the proxy cannot check that the port it talks to "
+            "belongs to LiberTEM (see the security model in the documentation)."
+        )
+    run.port_proven = True
+    return True

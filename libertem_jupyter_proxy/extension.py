@@ -211,6 +211,16 @@ class LiberTEMProxy(ExtensionApp):
             f"LiberTEMProxy.cpus must be 'auto', 'host' or an integer >= 1, not {value!r}"
         )
 
+    dask_tls = Bool(
+        True,
+        help="""Mutual TLS for the dask cluster LiberTEM starts (GUI "Connect" with a local
+        cluster, or --cpus): each start makes a new certificate authority, certificate and key
+        in its private directory, and only processes holding them can use the cluster. Without
+        it, every user of the machine (and other machines) who reaches the scheduler's port can
+        run code as you. Turn it off only where nobody else can reach the machine. "Connect to
+        existing cluster" with a tcp:// address works either way.""",
+    ).tag(config=True)
+
     @validate("command", "extra_args")
     def _json_list(self, proposal: Any) -> list[str]:
         """Accept ``--LiberTEMProxy.command='["a", "b"]'`` on the command line too.
@@ -249,6 +259,7 @@ class LiberTEMProxy(ExtensionApp):
             crash_window=self.crash_window,
             backoff_base=self.restart_backoff,
             idle_timeout=self.idle_timeout,
+            dask_tls=self.dask_tls,
         )
 
     def initialize_settings(self) -> None:

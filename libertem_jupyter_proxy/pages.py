@@ -28,6 +28,7 @@ _TITLES = {
     "died": "LiberTEM stopped while answering",
     "request-timeout": "LiberTEM did not answer in time",
     "unreachable": "LiberTEM did not answer",
+    "port-squatted": "Another program took LiberTEM's port",
 }
 
 

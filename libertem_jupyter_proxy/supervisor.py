@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 
-from . import backend_run, process
+from . import backend_run, port_owner, process
 from .backend_run import BackendRun
 from .command import CommandError, ResolvedCommand, resolve_command
 from .errors import BackendError, exit_description
@@ -81,6 +81,7 @@ class SupervisorConfig:
     ready_interval: float = 0.02
     log_lines: int = 500
     idle_timeout: float = 0.0
+    dask_tls: bool = True
 
 
 class Supervisor:
@@ -313,6 +314,11 @@ class Supervisor:
                             log_lines=self._tail(50),
                         ) from None
                     continue
+                except port_owner.PortSquatted as squat:  # nothing was sent to it
+                    await self._cleanup_run(run)
+                    if attempt == 2:
+                        raise port_owner.squatted_error(squat.port, squat.verdict, 3) from None
+                    continue
                 self.last_error = None
                 run.ready_at = time.monotonic()
                 self._set_state(State.RUNNING)
@@ -344,15 +350,21 @@ class Supervisor:
         except CommandError as e:
             raise BackendError("not-found", e.message, hint=e.hint, tried=e.tried) from None
 
-    def _environment(self) -> dict[str, str]:
+    def _environment(self, cluster: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(cluster)  # the dask cluster's TLS keys and HTTP routes (dask_tls.py)
         env.update({str(k): str(v) for k, v in self.config.extra_env.items()})
         return env
 
     async def _start_once(self) -> BackendRun:
         resolved = self._resolve()
         tmpdir, token, token_path = backend_run.new_run_dir()
+        try:
+            cluster_env = backend_run.cluster_environment(tmpdir, self.config.dask_tls)
+        except BackendError:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
         local_dir = self.config.local_directory or os.path.join(tmpdir, "dask-worker-space")
         self._generation += 1
         port = backend_run.free_port()
@@ -372,7 +384,7 @@ class Supervisor:
         try:
             run.proc = await process.spawn(
                 argv,
-                self._environment(),
+                self._environment(cluster_env),
                 self.config.cwd or None,
                 on_exit=lambda code, run=run: self._on_exit(run, code),
             )
@@ -456,6 +468,10 @@ class Supervisor:
                     hint="If your LiberTEM needs longer (slow file systems, big environments), "
                     "raise c.LiberTEMProxy.start_timeout.",
                 )
+            if not backend_run.prove_port(run, self.log):  # never send the token before
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(run.exited.wait(), self.config.ready_interval)
+                continue
             try:
                 timeout = aiohttp.ClientTimeout(total=min(2.0, remaining))
                 async with run.session.get(
