@@ -41,12 +41,14 @@ __all__ = [
     "make_credentials",
 ]
 
-# distributed's default scheduler routes without ``distributed.http.proxy`` (which forwards
-# requests to other hosts and ports, i.e. turns the dashboard into an open relay); the rest is
-# the read-only dashboard's data (distributed 2026.8.0, distributed.yaml: scheduler.http.routes).
+# distributed's default scheduler routes (distributed 2026.8.0, distributed.yaml:
+# scheduler.http.routes) without ``distributed.http.proxy``, which forwards requests to other
+# hosts and ports (an open relay for everyone who reaches the dashboard), and without
+# ``distributed.http.scheduler.info``, whose pages fetch the workers' logs and call stacks (file
+# names of the user's data). What stays is read-only numbers: health, metrics, JSON summaries.
+# The HTTP server itself cannot be turned off by configuration; LiberTEM does not use it.
 SCHEDULER_HTTP_ROUTES = (
     "distributed.http.scheduler.prometheus",
-    "distributed.http.scheduler.info",
     "distributed.http.scheduler.json",
     "distributed.http.health",
     "distributed.http.statics",

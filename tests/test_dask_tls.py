@@ -71,6 +71,7 @@ def test_environment_as_dask_reads_it(run_dir):
     assert "require_encryption" not in parsed["comm"]  # tcp:// clusters keep working
     routes = parsed["scheduler"]["http"]["routes"]
     assert "distributed.http.proxy" not in routes
+    assert "distributed.http.scheduler.info" not in routes  # worker logs, call stacks
     assert "distributed.http.health" in routes
 
 
