@@ -59,6 +59,43 @@ def test_decode_address_inverts_the_kernels_format(address, port):
     assert decoded_port == port
 
 
+def test_netlink_and_proc_agree(listen_elsewhere):
+    """Both ways of reading the socket table find the same listeners (sock_diag is the fast
+    one; /proc/net/tcp the fallback where netlink is not allowed)."""
+    ports = [listen_elsewhere(host)[1] for host in ("127.0.0.1", "0.0.0.0")]
+    if socket.has_ipv6:
+        ports.append(listen_elsewhere("::")[1])
+    ports.append(backend_run.free_port())
+    for port in ports:
+        fast = port_owner._listeners_netlink(port)
+        if fast is None:
+            pytest.skip("sock_diag netlink not available here")
+        assert sorted(fast, key=repr) == sorted(port_owner.listeners_proc(port), key=repr)
+
+
+def test_leader_not_holding_the_socket_is_still_group(listen_elsewhere):
+    """A wrapper script as group leader, libertem-server below it: the group scan finds it."""
+    leader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "sys.argv[1], '127.0.0.1', '0'])",
+            _LISTENER,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
+    try:
+        port = int(leader.stdout.readline())
+        assert port_owner.check(port, leader.pid).owner is Owner.GROUP
+    finally:
+        os.killpg(leader.pid, 9)
+        leader.wait()
+
+
 def test_decode_known_lines():
     # as printed on little-endian x86-64
     if sys.byteorder == "little":

@@ -211,7 +211,14 @@ for port in json.loads(sys.argv[4]):
 
 # what a refused dask connection looks like (anything else, e.g. an ImportError after the
 # privilege drop, would make a "refused" meaningless)
-_REFUSALS = ("OSError", "TimeoutError", "CommClosedError", "StreamClosedError", "SSLError")
+_REFUSALS = (
+    "OSError",
+    "TimeoutError",
+    "CommClosedError",
+    "FatalCommClosedError",
+    "StreamClosedError",
+    "SSLError",
+)
 
 
 @dataclass
