@@ -262,6 +262,8 @@ class OtherUser:
         out, err = proc.communicate(timeout=300)
         reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         assert reports, f"attacker printed nothing; stderr:\n{err[-3000:]}"
+        if proc.returncode != 0:  # shown with any failed assertion on the reports
+            reports.append({"exit": proc.returncode, "stderr": err[-3000:]})
         return reports
 
 
@@ -511,7 +513,13 @@ async def test_connect_to_existing_plain_tcp_cluster_still_works(
         # (a plain tcp:// scheduler someone started by hand is open to everyone: not ours)
         attacker = other_user.start(
             _CLUSTER,
-            {"ports": [int(address.rsplit(":", 1)[1])], "paths": [], "pids": [], "http_ports": []},
+            {
+                "ports": [int(address.rsplit(":", 1)[1])],
+                "schedulers": [int(address.rsplit(":", 1)[1])],
+                "paths": [],
+                "pids": [],
+                "http_ports": [],
+            },
             dask=True,
         )
         reports = await asyncio.get_running_loop().run_in_executor(
