@@ -68,6 +68,8 @@ class HttpProxyHandler(ProxyHandlerBase):
             web.authenticated(lambda _self: None)(self)  # login redirect (GET) or 403
             return
         self.request.connection.set_max_body_size(self.proxy_settings.max_body_size)
+        if self.refuse_if_stopped():  # stopped on purpose: a cheap 503, not activity
+            return
         self._counted = True
         self.supervisor.request_started()
         self.record_activity()
@@ -77,7 +79,7 @@ class HttpProxyHandler(ProxyHandlerBase):
                 if self._run is None:
                     return
             else:
-                self._run = await self.supervisor.ensure_running()
+                self._run = await self.supervisor.ensure_running(self.is_person())
         except BackendError as e:
             self.send_backend_error(e)
             return
@@ -108,7 +110,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             # (the page's Retry button does that)
             error, supervisor.unseen_error = supervisor.unseen_error, None
             raise error
-        start = asyncio.ensure_future(supervisor.ensure_running())
+        start = asyncio.ensure_future(supervisor.ensure_running(self.is_person()))
         try:
             return await asyncio.wait_for(
                 asyncio.shield(start), self.proxy_settings.loading_page_delay

@@ -28,6 +28,8 @@ _TITLES = {
     "died": "LiberTEM stopped while answering",
     "request-timeout": "LiberTEM did not answer in time",
     "unreachable": "LiberTEM did not answer",
+    "stopped": "LiberTEM is stopped",
+    "config": "The LiberTEM proxy is misconfigured",
 }
 
 
@@ -41,8 +43,11 @@ def _environment() -> jinja2.Environment:
 
 
 def status_for(error: BackendError) -> int:
-    """HTTP status for a backend failure: 504 for a timeout, else 502."""
-    return {"timeout": 504, "request-timeout": 504}.get(error.kind, 502)
+    """HTTP status for a backend failure: 504 for a timeout, 503 while stopped on purpose,
+    500 for the proxy's own invalid configuration, else 502."""
+    return {"timeout": 504, "request-timeout": 504, "stopped": 503, "config": 500}.get(
+        error.kind, 502
+    )
 
 
 def error_json(error: BackendError) -> str:
@@ -57,6 +62,7 @@ def render_error(handler: JupyterHandler, error: BackendError) -> str:
         .render(
             title=_TITLES.get(error.kind, "LiberTEM is not available"),
             error=error,
+            button="Start LiberTEM" if error.kind == "stopped" else "Retry",
             retry_action=handler.base_url + "libertem-proxy/api/start",
             next_url=handler.base_url + "libertem/",
             xsrf_form_html=markupsafe.Markup(handler.xsrf_form_html()),
