@@ -34,7 +34,7 @@ async def navigate(client, supervisor):
 async def wait_until(predicate, timeout: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():  # noqa: ASYNC110 - other processes' state has no event to await
+    while not predicate():
         assert loop.time() < deadline, f"not reached within {timeout} s: {predicate}"
         await asyncio.sleep(0.02)
 
@@ -210,8 +210,7 @@ async def test_stop_during_start_answers_every_waiter(client, supervisor):
     supervisor.config.extra_env = {"LIBERTEM_FAKE_START_DELAY": "30"}
     await client.login()
     api = [
-        asyncio.ensure_future(client.fetch("libertem/api/config/", headers=FETCH))
-        for _ in range(5)
+        asyncio.ensure_future(client.fetch("libertem/api/config/", headers=FETCH)) for _ in range(5)
     ]
     page = asyncio.ensure_future(client.fetch("libertem/", headers=NAVIGATE))
     ws = asyncio.ensure_future(client.websocket())
