@@ -16,7 +16,7 @@ from typing import Any
 
 from traitlets import TraitError
 from traitlets.config import Config, Configurable
-from traitlets.config.loader import DeferredConfig, LazyConfigValue
+from traitlets.config.loader import DeferredConfig
 
 from .errors import BackendError, ConfigProblem, config_error
 
@@ -26,8 +26,9 @@ _PROBLEMS = "_libertem_config_problems"
 def load_checked(
     app: Configurable, cfg: Config, section_names: Any = None, traits: Any = None
 ) -> Config:
-    """Check every option of ``app``'s sections in ``cfg``; return ``cfg`` without the bad
-    ones (a copy, only if there are any) and remember the problems on ``app``."""
+    """Load every option of ``app``'s sections in ``cfg`` on its own, through traitlets' own
+    code (so a value is accepted exactly when traitlets accepts it); return ``cfg`` without
+    the bad ones (a copy, only if there are any) and remember the problems on ``app``."""
     if traits is None:
         traits = app.traits(config=True)
     sections = section_names if section_names is not None else app.section_names()
@@ -38,17 +39,12 @@ def load_checked(
         trait = traits.get(name)
         if trait is None:
             continue  # traitlets itself warns about unknown names, with a suggestion
+        single = Config()
+        single[type(app).__name__][name] = value
         try:
-            if isinstance(value, LazyConfigValue):
-                candidate = value.get_value(copy.deepcopy(getattr(app, name)))
-            elif isinstance(value, DeferredConfig):
-                candidate = value.get_value(trait)
-            else:
-                candidate = copy.deepcopy(value)
-            # the trait's type check and the class's @validate hooks, without setting anything
-            trait._validate(app, candidate)
+            Configurable._load_config(app, single, traits={name: trait})  # type: ignore[attr-defined]
         except TraitError as e:
-            problems[name] = ConfigProblem(name, value, _expected(trait, e))
+            problems[name] = ConfigProblem(name, _shown(value), _expected(trait, e))
             bad.add(name)
         else:
             problems.pop(name, None)
@@ -61,6 +57,15 @@ def load_checked(
             for name in bad:
                 cleaned[section].pop(name, None)
     return cleaned
+
+
+def _shown(value: Any) -> Any:
+    """The value as the administrator wrote it (a command-line value arrives wrapped)."""
+    if isinstance(value, DeferredConfig) and isinstance(value, str):
+        return str(value)
+    if isinstance(value, DeferredConfig) and isinstance(value, list):
+        return list(value)
+    return value
 
 
 def _expected(trait: Any, error: TraitError) -> str:
