@@ -384,7 +384,7 @@ class LifecycleModel(RuleBasedStateMachine):
 
 
 @pytest.mark.proxy_config(
-    start_timeout=2.0, stop_timeout=2.0, restart_backoff=0.05, max_crashes=3, crash_window=30.0
+    start_timeout=2.5, stop_timeout=2.0, restart_backoff=0.05, max_crashes=3, crash_window=30.0
 )
 def test_lifecycle_model(io_loop, serverapp, client, tmp_path, monkeypatch, capsys):
     # run directories go to a directory of this test only, so "none left" can be checked
