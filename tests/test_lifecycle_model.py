@@ -294,7 +294,9 @@ class LifecycleModel(RuleBasedStateMachine):
         assert stop_code == 200
         for code in codes:
             assert code in OK_CODES, codes
-        self.deliberate = True
+        # the navigation may reach Jupyter after the stop: then a person started it again
+        # (found by this model on tornado 6.2: the model, not the proxy, was wrong)
+        self.deliberate = self.sup.stop_reason is not None
 
     @precondition(lambda self: not self.jupyter_stopped)
     @rule(seconds=st.sampled_from([0.1, 0.6]))
