@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
 .PHONY: install install-demo demo test test-fast test-slow test-e2e e2e-setup lint format bench \
-	bench-quick soak docs clean hpc-setup test-hpc
+	bench-quick soak docs clean hpc-setup test-hpc test-lowest test-model
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,7 +49,8 @@ demo: demo-install
 test: install-demo e2e-setup
 	LTJP_E2E_REQUIRED=1 $(RUN) $(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS); e2e=$$?; \
 	$(RUN) $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS); main=$$?; \
-	exit $$(( e2e || main ))
+	$(MAKE) test-lowest; lowest=$$?; \
+	exit $$(( e2e || main || lowest ))
 
 test-fast: install
 	$(RUN) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -65,6 +66,26 @@ release-check: install
 # the docs' pictures of the launcher, the loading page and an error page (real libertem-server)
 screenshots: install-demo
 	LJP_SCREENSHOT_DIR=docs/_static/screenshots $(RUN) $(PY) -m pytest -m browser tests/browser $(PYTEST_ARGS)
+
+# the lifecycle tests (and the stateful model) once more in a second venv with the LOWEST
+# versions pyproject.toml allows (tornado, jupyter_server, simpervisor, aiohttp: .ci/lowest_pins.py);
+# the package itself comes from this checkout via PYTHONPATH (no labextension build needed)
+LOWEST_VENV ?= .venv-lowest
+LIFECYCLE_TESTS := tests/test_lifecycle.py tests/test_lifecycle_intent.py tests/test_lifecycle_model.py
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || python3 -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet $$(python3 .ci/lowest_pins.py) \
+		"pytest>=8,<10" "pytest-tornasync>=0.6" "psutil>=5.9" "hypothesis>=6.100"
+	$(LOWEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(tornado|jupyter.server|simpervisor|aiohttp) '
+	PATH="$(abspath $(LOWEST_VENV))/bin:$$PATH" PYTHONPATH="$(CURDIR)" \
+		$(LOWEST_VENV)/bin/python -m pytest $(LIFECYCLE_TESTS) $(PYTEST_ARGS)
+
+# a longer search of the stateful lifecycle model (CI runs a bounded one as part of make test)
+MODEL_EXAMPLES ?= 60
+MODEL_STEPS ?= 30
+test-model: install
+	LTJP_MODEL_EXAMPLES=$(MODEL_EXAMPLES) LTJP_MODEL_STEPS=$(MODEL_STEPS) $(RUN) $(PY) -m pytest \
+		-s -p no:logging tests/test_lifecycle_model.py $(PYTEST_ARGS)
 
 # real-world end to end: nginx -> JupyterHub -> user servers -> LiberTEM in its own venv
 e2e-setup: install

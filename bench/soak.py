@@ -182,6 +182,11 @@ async def chaos_loop(
             if now["state"] == "running" and now["pid"] != before["pid"]:
                 window[1] = time.monotonic()
                 break
+            if now["state"] == "stopped" and now.get("stop_reason"):
+                # a Shutdown stays shut until a person opens the GUI again (issue 13)
+                page = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+                async with s.get(base + "libertem/", headers=page) as r:
+                    await r.read()
             if time.monotonic() > stop_at + 60:
                 window[1] = time.monotonic()
                 break

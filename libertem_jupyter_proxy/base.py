@@ -109,6 +109,36 @@ class ProxyHandlerBase(JupyterHandler):
             return mode == "navigate"
         return "text/html" in self.request.headers.get("Accept", "")
 
+    def is_person(self) -> bool:
+        """A person opening the GUI: the request that may start LiberTEM after a deliberate stop.
+
+        The rule (docs/usage.rst, "What starts and stops LiberTEM"): a GET of the GUI's root
+        page ``{base_url}libertem/`` that the browser marks as a document navigation. Browsers
+        since 2020 send Fetch Metadata (W3C "Fetch Metadata Request Headers"): then it must be
+        ``Sec-Fetch-Mode: navigate`` with ``Sec-Fetch-Dest`` ``document`` (a tab) or ``iframe``
+        / ``frame`` (an embedded panel). Without those headers (older browsers, curl), an
+        ``Accept`` that asks for ``text/html`` counts. Never: websockets (the GUI's reconnect
+        loop), fetch/XHR calls, assets, other paths below the GUI.
+        """
+        if self.request.method != "GET" or self.upstream_path() != "/":
+            return False
+        headers = self.request.headers
+        mode = headers.get("Sec-Fetch-Mode")
+        if mode is not None:
+            dest = headers.get("Sec-Fetch-Dest", "document")
+            return mode == "navigate" and dest in ("document", "iframe", "frame")
+        return "text/html" in headers.get("Accept", "")
+
+    def refuse_if_stopped(self) -> bool:
+        """Answer at once (and return True) when this request may not have a backend: the
+        configuration is invalid, or LiberTEM was stopped on purpose and this is not a person
+        starting it. Called before the request counts as activity."""
+        error = self.supervisor.refusal(self.is_person())
+        if error is None:
+            return False
+        self.send_backend_error(error)
+        return True
+
     def send_loading_page(self) -> None:
         self.clear()
         self.set_status(200)

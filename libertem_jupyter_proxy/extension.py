@@ -19,6 +19,7 @@ from jupyter_server.utils import url_path_join
 from tornado.routing import PathMatches, Rule
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 
+from . import config_check
 from ._version import __version__
 from .api import LogHandler, RestartHandler, StartHandler, StatusHandler, StopHandler
 from .base import PROXY_PATH, SETTINGS_KEY
@@ -244,6 +245,13 @@ class LiberTEMProxy(ExtensionApp):
             return parsed
         return value
 
+    def _load_config(self, cfg: Any, section_names: Any = None, traits: Any = None) -> None:
+        """Load the options one by one: a malformed one is recorded (see config_check.py), the
+        others load, and LiberTEM refuses to start until it is fixed (not a warning in the log
+        and a half-applied configuration)."""
+        cfg = config_check.load_checked(self, cfg, section_names, traits)
+        super()._load_config(cfg, section_names=section_names, traits=traits)
+
     def _supervisor_config(self) -> SupervisorConfig:
         root = getattr(self.serverapp, "root_dir", None) if self.serverapp else None
         return SupervisorConfig(
@@ -264,6 +272,7 @@ class LiberTEMProxy(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self.supervisor = Supervisor(self._supervisor_config(), log=self.log)
+        self.supervisor.config_error = config_check.report(self)
         atexit.register(self.supervisor.kill_now)
         self.settings[SETTINGS_KEY] = ProxySettings(
             supervisor=self.supervisor,
@@ -311,5 +320,5 @@ class LiberTEMProxy(ExtensionApp):
         supervisor = getattr(self, "supervisor", None)
         if supervisor is not None:
             self.log.info("Stopping LiberTEM before Jupyter exits")
-            await supervisor.stop()
+            await supervisor.stop("Jupyter is stopping")
             atexit.unregister(supervisor.kill_now)

@@ -98,6 +98,8 @@ class HttpProxyHandler(ProxyHandlerBase):
                 413, f"Request body of {length} bytes exceeds max_body_size ({max_body})"
             )
         self.request.connection.set_max_body_size(max_body)
+        if self.refuse_if_stopped():  # stopped on purpose: a cheap 503, not activity
+            return
         self._counted = True
         self.supervisor.request_started()
         self.record_activity()
@@ -107,7 +109,7 @@ class HttpProxyHandler(ProxyHandlerBase):
                 if self._run is None:
                     return
             else:
-                self._run = await self.supervisor.ensure_running()
+                self._run = await self.supervisor.ensure_running(self.is_person())
         except BackendError as e:
             self.send_backend_error(e)
             return
@@ -144,7 +146,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             # (the page's Retry button does that)
             error, supervisor.unseen_error = supervisor.unseen_error, None
             raise error
-        start = asyncio.ensure_future(supervisor.ensure_running())
+        start = asyncio.ensure_future(supervisor.ensure_running(self.is_person()))
         try:
             return await asyncio.wait_for(
                 asyncio.shield(start), self.proxy_settings.loading_page_delay

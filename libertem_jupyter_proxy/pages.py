@@ -29,6 +29,8 @@ _TITLES = {
     "request-timeout": "LiberTEM did not answer in time",
     "unreachable": "LiberTEM did not answer",
     "port-squatted": "Another program took LiberTEM's port",
+    "stopped": "LiberTEM is stopped",
+    "config": "The LiberTEM proxy is misconfigured",
 }
 
 
@@ -42,8 +44,11 @@ def _environment() -> jinja2.Environment:
 
 
 def status_for(error: BackendError) -> int:
-    """HTTP status for a backend failure: 504 for a timeout, else 502."""
-    return {"timeout": 504, "request-timeout": 504}.get(error.kind, 502)
+    """HTTP status for a backend failure: 504 for a timeout, 503 while stopped on purpose,
+    500 for the proxy's own invalid configuration, else 502."""
+    return {"timeout": 504, "request-timeout": 504, "stopped": 503, "config": 500}.get(
+        error.kind, 502
+    )
 
 
 def error_json(error: BackendError) -> str:
@@ -58,6 +63,7 @@ def render_error(handler: JupyterHandler, error: BackendError) -> str:
         .render(
             title=_TITLES.get(error.kind, "LiberTEM is not available"),
             error=error,
+            button="Start LiberTEM" if error.kind == "stopped" else "Retry",
             retry_action=handler.base_url + "libertem-proxy/api/start",
             next_url=handler.base_url + "libertem/",
             xsrf_form_html=markupsafe.Markup(handler.xsrf_form_html()),

@@ -70,14 +70,76 @@ class OneShotProcess(SupervisedProcess):
         super().__init__(name, *args, always_restart=False, **kwargs)
         self._on_exit = on_exit
 
+    @property
+    def asyncio_process(self) -> asyncio.subprocess.Process:
+        """The ``asyncio.subprocess.Process`` (simpervisor >= 1.0 wraps it in ``.proc``)."""
+        proc = self.proc
+        return getattr(proc, "_proc", proc)
+
+    def close_pipes(self) -> None:
+        """Stop reading the child's output (its exit is already known)."""
+        transport = getattr(self.asyncio_process, "_transport", None)
+        if transport is not None:
+            transport.close()
+
     async def _restart_process_if_needed(self) -> None:
-        code = await self.proc.wait()
+        code = await wait_exit(self.asyncio_process)
         with contextlib.suppress(ValueError):
             from simpervisor.atexitasync import remove_handler
 
             remove_handler(self._handle_signal)
         self.running = False
         self._on_exit(code)
+
+
+async def wait_exit(proc: asyncio.subprocess.Process) -> int:
+    """The exit code of ``proc``, as soon as the process itself has exited.
+
+    ``asyncio.subprocess.Process.wait()`` also waits for end-of-file on the child's pipes
+    (CPython 3.11 wakes its waiters only once every pipe is closed), so a process that exits
+    while a child of it still holds the inherited stdout/stderr (a wrapper script, a daemon)
+    looked alive until that child exited. Instead, wait on the pid: a pidfd (Linux >= 5.3)
+    becomes readable when the process exits; elsewhere poll the child watcher's return code.
+    ``waitid(WNOWAIT)`` reads the status without reaping, so asyncio's own child watcher still
+    reaps the process and ``proc.returncode`` stays right. Codes follow asyncio: ``-N`` for
+    death by signal N.
+    """
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    pidfd = -1
+    with contextlib.suppress(AttributeError, OSError):
+        pidfd = os.pidfd_open(proc.pid)
+    try:
+        if pidfd >= 0:
+            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+            code = _peek_exit_code(proc.pid)
+            if code is not None:
+                return code
+        # reaped already (the watcher was faster) or no pidfd: the watcher's code follows soon
+        while proc.returncode is None:  # noqa: ASYNC110 - no event for "returncode set"
+            await asyncio.sleep(0.01 if pidfd >= 0 else 0.05)
+        return proc.returncode
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _peek_exit_code(pid: int) -> int | None:
+    """Exit status of the exited, not yet reaped child ``pid`` without reaping it; None if it
+    was reaped meanwhile."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if info is None:  # pragma: no cover - the pidfd said it exited
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status  # CLD_KILLED / CLD_DUMPED: the signal number
 
 
 def _preserve_signal_handlers() -> contextlib.AbstractContextManager[None]:

@@ -7,6 +7,13 @@
                                    |--error----------> FAILED
     RUNNING/STARTING --stop()--> STOPPING --> STOPPED
     FAILED --ensure_running--> STARTING (after backoff), or the crash-loop error
+    FAILED --stop()--> STOPPED
+
+Who may start it (``docs/usage.rst`` has the table): at first, any request (lazy start). After
+a *deliberate* stop (exit 0 = the GUI's Shutdown, the stop API, an idle stop, Jupyter stopping)
+only an *explicit* request does, i.e. a person: a page navigation to the GUI, the Start/Retry
+button, the start API; everything else gets :class:`StoppedError` (HTTP 503) at once. After a
+crash the next request of any kind restarts it, within the crash limits.
 
 One :class:`Supervisor` lives per Jupyter server. Every start gets a new process object, a new
 free port, a new token in a new 0700 directory and a new pooled HTTP client; everything of a run
@@ -35,7 +42,7 @@ import aiohttp.abc
 from . import backend_run, port_owner, process
 from .backend_run import BackendRun
 from .command import CommandError, ResolvedCommand, resolve_command
-from .errors import BackendError, exit_description
+from .errors import BackendError, StoppedError, exit_description
 
 __all__ = ["BackendError", "BackendRun", "State", "Supervisor", "SupervisorConfig"]
 
@@ -58,7 +65,7 @@ _ALLOWED = {
     State.STARTING: {State.RUNNING, State.FAILED, State.STOPPING, State.STOPPED},
     State.RUNNING: {State.STOPPED, State.FAILED, State.STOPPING},
     State.STOPPING: {State.STOPPED},
-    State.FAILED: {State.STARTING},
+    State.FAILED: {State.STARTING, State.STOPPED},
 }
 
 
@@ -104,6 +111,11 @@ class Supervisor:
         self.websockets = 0
         self.requests_in_flight = 0
         self.idle_stops = 0
+        # why LiberTEM is stopped on purpose; None when any request may start it
+        self.stop_reason: str | None = None
+        # a malformed c.LiberTEMProxy option: nothing is started while this is set
+        self.config_error: BackendError | None = None
+        self._cancelling_start = False
         self._start_task: asyncio.Task[BackendRun] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._generation = 0
@@ -166,12 +178,32 @@ class Supervisor:
 
     # ------------------------------------------------------------------ public API
 
-    async def ensure_running(self) -> BackendRun:
-        """Return a ready backend, starting one if needed. Concurrent callers share one start."""
+    def refusal(self, explicit: bool) -> BackendError | None:
+        """Why a request may not have a backend now, without waiting: the configuration error,
+        or :class:`StoppedError` for a non-explicit request after a deliberate stop (cheap, so
+        the handlers can answer before counting the request as activity)."""
+        if self.config_error is not None:
+            return self.config_error
+        if not explicit and self.stop_reason is not None:
+            return StoppedError(self.stop_reason)
+        return None
+
+    async def ensure_running(self, explicit: bool = True) -> BackendRun:
+        """Return a ready backend, starting one if needed. Concurrent callers share one start.
+
+        ``explicit``: the request is a person asking for LiberTEM (a navigation to the GUI,
+        the start API); only such a request starts it after a deliberate stop. Raises
+        :class:`BackendError` (``StoppedError`` for a refused non-explicit request, also when a
+        stop ends the start it waited for).
+        """
+        refused = self.refusal(explicit)
+        if refused is not None:
+            raise refused
         self.touch()
         if self.ready:
             assert self.run is not None
             return self.run
+        self.stop_reason = None
         if self.state is State.STOPPING and self._stop_task is not None:
             await asyncio.shield(self._stop_task)
         if self._start_task is None or self._start_task.done():
@@ -192,7 +224,8 @@ class Supervisor:
         if fut.cancelled():
             return
         error = fut.exception()
-        if isinstance(error, BackendError):
+        # a start ended by stop() is no failure to show: the next navigation starts again
+        if isinstance(error, BackendError) and not isinstance(error, StoppedError):
             self.unseen_error = error
 
     def reset_failures(self) -> None:
@@ -201,8 +234,13 @@ class Supervisor:
         self.last_error = None
         self.unseen_error = None
 
-    async def stop(self) -> None:
-        """Stop libertem-server: SIGINT (graceful), then SIGTERM, then SIGKILL to its group."""
+    async def stop(self, reason: str = "stopped with the stop API") -> None:
+        """Stop libertem-server: SIGINT (graceful), then SIGTERM, then SIGKILL to its group.
+
+        A deliberate stop: until a person starts it again (see :meth:`ensure_running`), other
+        requests get :class:`StoppedError` naming ``reason``.
+        """
+        self.stop_reason = reason
         if self._stop_task is None or self._stop_task.done():
             self._stop_task = asyncio.ensure_future(self._stop())
         await asyncio.shield(self._stop_task)
@@ -244,6 +282,8 @@ class Supervisor:
             "requests_in_flight": self.requests_in_flight,
             "idle_timeout": self.config.idle_timeout,
             "idle_stops": self.idle_stops,
+            "stop_reason": self.stop_reason,
+            "config_error": self.config_error.to_dict() if self.config_error else None,
         }
 
     # ------------------------------------------------------------------ crash policy
@@ -292,6 +332,17 @@ class Supervisor:
     # ------------------------------------------------------------------ starting
 
     async def _start(self) -> BackendRun:
+        """One start, shared by every waiter. A :meth:`stop` during it cancels it; then every
+        waiter gets :class:`StoppedError` (never a bare ``CancelledError``, which tornado turns
+        into a 500 or, before 6.5, into no answer at all)."""
+        try:
+            return await self._start_attempts()
+        except asyncio.CancelledError:
+            if not self._cancelling_start:
+                raise
+            raise StoppedError(self.stop_reason or "stopped while starting") from None
+
+    async def _start_attempts(self) -> BackendRun:
         delay = self._backoff()
         if delay > 0:
             self.log.info("LiberTEM crashed recently; waiting %.1f s before the next start", delay)
@@ -396,7 +447,7 @@ class Supervisor:
                 hint=f"Check the program named by {resolved.source}.",
                 tried=resolved.tried,
             ) from None
-        stdout = run.proc.proc._proc.stdout  # the asyncio.subprocess.Process inside simpervisor
+        stdout = run.proc.asyncio_process.stdout
         run.reader = asyncio.ensure_future(self._read_log(stdout))
         await self._start_guard(run)
         run.session = backend_run.new_session()
@@ -443,14 +494,15 @@ class Supervisor:
         headers = {"X-Api-Key": run.token}
         while True:
             if run.exited.is_set():
-                await self._drain_log(run)
+                # the rest of its group first: a child holding the log pipe would delay the
+                # last lines (and the answer) until the drain timeout
+                await self._cleanup_run(run)
                 tail = self._tail(50)
                 port_taken = any("address already in use" in ln.lower() for ln in tail)
                 if run.exit_code == 1 and port_taken:
                     raise _PortTaken()  # our race, not LiberTEM's crash: not counted
                 if run.exit_code != 0:
                     self._count_crash()
-                await self._cleanup_run(run)
                 raise BackendError(
                     "exited",
                     f"LiberTEM {exit_description(run.exit_code)} while starting.",
@@ -510,7 +562,7 @@ class Supervisor:
             if self.websockets == 0 and self.requests_in_flight == 0 and idle >= timeout:
                 self.log.info("LiberTEM was idle for %.0f s; stopping it to free memory", idle)
                 self.idle_stops += 1
-                self._background(self.stop())
+                self._background(self.stop(f"idle for {idle:.0f} s, stopped to free memory"))
                 return
 
     # ------------------------------------------------------------------ exit and stop
@@ -529,6 +581,8 @@ class Supervisor:
             if not run.stopping and code != 0:
                 self._count_crash()
             if code == 0:
+                # LiberTEM's own Shutdown (GUI button or DELETE api/shutdown/): a person's stop
+                self.stop_reason = "shut down from the LiberTEM GUI (exit code 0)"
                 self._set_state(State.STOPPED)
             else:
                 self.last_error = BackendError(
@@ -542,14 +596,20 @@ class Supervisor:
             self._background(self._cleanup_run(run))
 
     async def _stop(self) -> None:
-        run = self.run
         if self._start_task is not None and not self._start_task.done():
+            self._cancelling_start = True
             self._start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BackendError):
-                await self._start_task
+            try:
+                with contextlib.suppress(asyncio.CancelledError, BackendError):
+                    await self._start_task
+            finally:
+                self._cancelling_start = False
+        run = self.run
         if run is None or self.state not in (State.RUNNING, State.STARTING):
             if run is not None:
                 await self._cleanup_run(run)
+            if self.state is State.FAILED:
+                self._set_state(State.STOPPED)
             return
         self._set_state(State.STOPPING)
         await self._kill_run(run)
@@ -577,6 +637,12 @@ class Supervisor:
             run.guard = None
         if run.reader is not None:
             await self._drain_log(run)
+            if not run.reader.done():
+                # a process outside the group (it left with setsid) still holds the pipe: stop
+                # reading, so the log never keeps a finished run around
+                run.reader.cancel()
+                if run.proc is not None:
+                    run.proc.close_pipes()
         if run.session is not None and not run.session.closed:
             await run.session.close()
         shutil.rmtree(run.tmpdir, ignore_errors=True)

@@ -487,9 +487,11 @@ class WebSocketProxyHandler(ProxyHandlerBase):
         key = self._browser_key()
         if not self.check_origin():
             raise web.HTTPError(403, "Cross-origin websocket refused")
+        if self.refuse_if_stopped():  # stopped on purpose: refused, not activity
+            return
         self.supervisor.touch()
         try:
-            run = await self.supervisor.ensure_running()
+            run = await self.supervisor.ensure_running(explicit=False)
         except BackendError as e:
             self.set_status(status_for(e))
             self.finish(json.dumps(e.to_dict()))

@@ -45,6 +45,7 @@ ENV_PREFIX = "LIBERTEM_FAKE_"
 GiB = 1 << 30
 CHUNK = 64 * 1024
 WORKER_MARKER = "libertem-fake-worker"  # in each worker's argv, so tests can find orphans
+PIPE_HOLDER_MARKER = "libertem-fake-pipe-holder"
 
 # --- content: shaped like the real client (relative links, an asset name with a space) ---------
 INDEX_HTML = (
@@ -241,6 +242,22 @@ def spawn_workers(state: FakeState, count: int) -> None:
             append_line(env("WORKER_PIDFILE"), str(proc.pid))
     if count:
         log.info("started %d fake workers: %s", count, [w.pid for w in state.workers])
+
+
+def spawn_pipe_holder() -> None:
+    """``LIBERTEM_FAKE_PIPE_HOLDER=1``: a child that inherits our stdout/stderr and outlives us,
+    like the process a site's wrapper script starts (or a daemon it forgets), so our exit is
+    NOT followed by end-of-file on the proxy's pipe. It stays in our process group (stopping the
+    group ends it); ``=session`` puts it in a new session instead, out of the group's reach.
+    Its pid goes to ``LIBERTEM_FAKE_WORKER_PIDFILE``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(3600)", PIPE_HOLDER_MARKER],
+        stdin=subprocess.DEVNULL,
+        start_new_session=env("PIPE_HOLDER") == "session",
+    )
+    if env("WORKER_PIDFILE"):
+        append_line(env("WORKER_PIDFILE"), str(proc.pid))
+    log.info("started a child that holds our stdout/stderr: pid %d", proc.pid)
 
 
 def stop_workers(state: FakeState) -> None:
@@ -642,6 +659,8 @@ async def run(state: FakeState) -> int:
     if env("IGNORE_SIGINT") != "1":
         loop.add_signal_handler(signal.SIGINT, state.stop.set)  # quick graceful exit 0
     log.info("starting fake libertem-server (pid %d)", os.getpid())
+    if env("PIPE_HOLDER"):
+        spawn_pipe_holder()
 
     delay = env_float("START_DELAY", 0.0)
     deadline = loop.time() + delay

@@ -11,6 +11,8 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
+from libertem_jupyter_proxy.supervisor import State
+
 
 async def test_text_and_binary_echo(client):
     ws = await client.websocket()
@@ -81,7 +83,13 @@ async def test_websocket_closed_when_backend_shuts_down(client, supervisor):
     r = await client.fetch("libertem/api/shutdown/", method="DELETE")
     assert r.code == 200
     assert await asyncio.wait_for(ws.read_message(), 20) is None
-    # and the next visit starts it again
+    await asyncio.wait_for(supervisor.wait_for_state(State.STOPPED), 20)
+    # the tab's reconnect is refused (a Shutdown stays shut); the next visit starts it again
+    with pytest.raises(HTTPClientError) as refused:
+        await client.websocket()
+    assert refused.value.code == 503
+    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    await supervisor.wait_start()
     ws2 = await client.websocket()
     await ws2.write_message("again")
     assert await ws2.read_message() == "again"

@@ -136,6 +136,11 @@ async def test_idle_shutdown_and_restart(client, supervisor):
     await asyncio.wait_for(supervisor.wait_for_state(State.STOPPED), 10)
     assert supervisor.last_exit_code == 0  # graceful
     assert supervisor.idle_stops == 1 and supervisor.crash_count == 0
+    # an idle stop is deliberate (issue 13): API calls get 503, a person opening the GUI restarts
+    r = await client.fetch("libertem/api/config/")
+    assert r.code == 503
+    r = await client.fetch("libertem/", headers={"Accept": "text/html"})
+    await supervisor.wait_start()
     r = await client.fetch("libertem/api/config/")
     assert r.code == 200 and supervisor.run is not run
 
