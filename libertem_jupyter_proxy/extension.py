@@ -252,6 +252,23 @@ class LiberTEMProxy(ExtensionApp):
         cfg = config_check.load_checked(self, cfg, section_names, traits)
         super()._load_config(cfg, section_names=section_names, traits=traits)
 
+    def parse_command_line(self, argv: Any = None) -> None:
+        """Keep ``extra_args`` as configured.
+
+        jupyter_server calls this with the server's leftover positional arguments (``jupyter lab
+        a.ipynb`` gives ``["a.ipynb"]``), and traitlets' ``Application.parse_command_line`` then
+        assigns them to ``self.extra_args``, an attribute of ``Application`` that our option of
+        the same name shadows: the configured arguments were lost, and file names given to
+        Jupyter were passed to libertem-server (which then exits with code 2). Positional
+        arguments are never ours, so the configured value (or the default) is put back.
+        """
+        super().parse_command_line(argv)
+        name = "extra_args"
+        if name in self._find_my_config(self.config):
+            self._load_config(self.config, traits={name: self.traits()[name]})
+        else:
+            self.extra_args = []
+
     def _supervisor_config(self) -> SupervisorConfig:
         root = getattr(self.serverapp, "root_dir", None) if self.serverapp else None
         return SupervisorConfig(
