@@ -10,6 +10,8 @@ import pytest
 from .conftest import TOKEN
 
 
+# the GUI itself, not the loading page, however long the stand-in takes to start on a busy machine
+@pytest.mark.proxy_config(loading_page_delay=60.0)
 async def test_index_and_asset_with_space(client):
     r = await client.fetch("libertem/", headers={"Accept": "text/html"})
     assert r.code == 200
