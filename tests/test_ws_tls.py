@@ -11,18 +11,12 @@ application is served with the ``ssl_options`` Jupyter derived from that configu
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from jupyter_server.serverapp import ServerApp
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
@@ -32,6 +26,7 @@ from traitlets.config import Config
 
 from .conftest import TOKEN
 from .helpers import OTHER_EXTENSIONS
+from .jupyter_rig import make_tls_files
 
 AUTH = {"Authorization": f"token {TOKEN}"}
 
@@ -39,53 +34,6 @@ AUTH = {"Authorization": f"token {TOKEN}"}
 async def read(ws: WebSocketClientConnection) -> Any:
     """The next message, within a bound: the defect was a websocket that stays silent."""
     return await asyncio.wait_for(ws.read_message(), 30)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def make_ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a certificate it signed for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("test CA"))
-        .issuer_name(_name("test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
 
 
 class TlsJupyter:
@@ -119,7 +67,8 @@ def tls_jupyter(
     base_url: str,
     proxy_options: dict[str, Any],
 ) -> Iterator[TlsJupyter]:
-    ca, cert, key = make_ca_and_cert(tmp_path)
+    files = make_tls_files(tmp_path)  # the CA and certificate of the HTTP suites' rig
+    ca, cert, key = files.ca, files.cert, files.key
     config = Config()
     config.ServerApp.jpserver_extensions = {
         "libertem_jupyter_proxy": True,
