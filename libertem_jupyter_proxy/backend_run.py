@@ -119,7 +119,8 @@ def new_session() -> aiohttp.ClientSession:
 
 def cluster_environment(run_dir: str, tls: bool) -> dict[str, str]:
     """The ``DASK_*`` variables of one run (see :mod:`.dask_tls`); with ``tls``, a fresh CA,
-    certificate and key in ``run_dir``. Raises BackendError if they cannot be written."""
+    certificate and key in ``run_dir``; dask's temporary directory is ``run_dir`` in any case.
+    Raises BackendError if the keys cannot be written."""
     try:
         creds = dask_tls.make_credentials(run_dir) if tls else None
     except OSError as e:
@@ -130,7 +131,15 @@ def cluster_environment(run_dir: str, tls: bool) -> dict[str, str]:
             hint="Check that the temporary directory is writable and not full; "
             "c.LiberTEMProxy.dask_tls = False turns the cluster's TLS off.",
         ) from None
-    return dask_tls.cluster_environment(creds)
+    env = dask_tls.cluster_environment(creds)
+    # dask's own scratch space (``<temporary-directory>/dask-scratch-space``): the scheduler
+    # puts its work directory there FIRST on ``sys.path``, and workers inherit that path. Under
+    # a shared /tmp another user can create that directory before us (dask accepts an
+    # existing writable one) and plant modules that LiberTEM then imports: code execution as
+    # the user. In the run's 0700 directory nobody else can. ``--local-directory`` covers only
+    # the workers' space, not the scheduler's.
+    env["DASK_TEMPORARY_DIRECTORY"] = run_dir
+    return env
 
 
 _unverifiable_warned = False

@@ -59,6 +59,8 @@ _REACHES_LOOPBACK = frozenset(
         ipaddress.ip_address("0.0.0.0"),
         ipaddress.ip_address("::"),
         ipaddress.ip_address("::ffff:127.0.0.1"),
+        # a dual-stack socket bound to the v4-mapped wildcard also receives 127.0.0.1
+        ipaddress.ip_address("::ffff:0.0.0.0"),
     }
 )
 

@@ -388,6 +388,21 @@ class Supervisor:
             if self.state is State.STARTING:
                 self._set_state(State.FAILED)
             raise
+        except Exception as e:
+            # never stay in STARTING (every later start would be refused): an unforeseen
+            # error fails this start, with its run cleaned up, like any other failed start
+            self.log.exception("Starting LiberTEM failed unexpectedly")
+            if self.run is not None and not self.run.exited.is_set():
+                await self._kill_run(self.run)
+            error = BackendError(
+                "exited",
+                f"Starting LiberTEM failed: {type(e).__name__}: {e}",
+                log_lines=self._tail(50),
+            )
+            self.last_error = error
+            if self.state is State.STARTING:
+                self._set_state(State.FAILED)
+            raise error from e
         except asyncio.CancelledError:  # stop() during a start
             if self.run is not None:
                 await self._kill_run(self.run)
@@ -418,7 +433,16 @@ class Supervisor:
             raise
         local_dir = self.config.local_directory or os.path.join(tmpdir, "dask-worker-space")
         self._generation += 1
-        port = backend_run.free_port()
+        try:
+            port = backend_run.free_port()
+        except OSError as e:  # ports or file descriptors exhausted (maybe by another user)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise BackendError(
+                "not-found",
+                f"No free TCP port on 127.0.0.1 for LiberTEM: {e.strerror or e}.",
+                hint="All local ports or this process's file descriptors are in use; "
+                "Retry once some are free.",
+            ) from None
         run = BackendRun(self._generation, port, token, tmpdir)
         argv = [
             *resolved.argv,

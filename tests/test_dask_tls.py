@@ -170,3 +170,15 @@ def test_plain_tcp_cluster_still_reachable_with_the_tls_environment(run_dir):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_dask_scratch_space_is_in_the_run_directory(tmp_path):
+    """dask's temporary directory (the scheduler's scratch space, first on the workers'
+    sys.path) is the run's private directory, never a shared /tmp, with TLS on or off."""
+    from libertem_jupyter_proxy.backend_run import cluster_environment
+
+    for tls in (True, False):
+        run_dir = tmp_path / f"run-{tls}"
+        run_dir.mkdir(mode=0o700)
+        env = cluster_environment(str(run_dir), tls)
+        assert env["DASK_TEMPORARY_DIRECTORY"] == str(run_dir)

@@ -365,12 +365,21 @@ async def test_squatting_the_port_gets_no_token(client, supervisor, other_user, 
 async def test_other_user_cannot_use_read_or_signal_the_cluster(
     client, supervisor, other_user, shared_tmp
 ):
+    # the other user prepares dask's scratch space in the shared temporary directory before the
+    # cluster exists: dask would accept it and put the scheduler's work directory, first on
+    # every worker's sys.path, inside it (red-team finding: code execution as the owner)
+    prepared = os.path.join(os.environ["TMPDIR"], "dask-scratch-space")
+    os.mkdir(prepared)
+    os.chown(prepared, other_user.uid, other_user.gid)
+    os.chmod(prepared, 0o777)
     r = await navigate(client, supervisor)
     assert r.code == 200, r.body[:500]
     run = supervisor.run
     # the GUI's "Connect" with a local cluster: LiberTEM's own client joins it over TLS
     answer = await _connect(client, {"type": "LOCAL", "numWorkers": 1, "cudas": {}})
     assert answer["status"] == "ok", answer
+    assert os.listdir(prepared) == []  # nothing of the cluster went into the prepared directory
+    assert os.path.isdir(os.path.join(run.tmpdir, "dask-scratch-space"))  # it is in the run's
 
     listeners = _group_listeners(run.pid)
     ports = sorted({port for _pid, port, _ip in listeners if port != run.port})
