@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import aiohttp
+    from multidict import CIMultiDictProxy
 
     from .base import ProxyHandlerBase
 
@@ -162,8 +163,24 @@ def apply(
     etag = headers.get("ETag")
     if not gzipping or not keepable(method, path, etag, headers.get("Content-Length")):
         return None
+    if not _backend_allows_keeping(headers):
+        return None
     assert etag is not None
-    return _kept_body(cache_in(handler.settings), path, etag, resp)
+    # an ETag identifies a representation within one URL, and the URL includes its query
+    # (RFC 9110 8.8.3): two queries of one path may share an ETag and differ in body
+    query = handler.request.query
+    key = f"{path}?{query}" if query else path
+    return _kept_body(cache_in(handler.settings), key, etag, resp)
+
+
+def _backend_allows_keeping(headers: CIMultiDictProxy[str]) -> bool:
+    """Not a body the backend said must not be stored (``no-store``), nor one that varies with
+    request headers other than ``Accept-Encoding`` (the key has none of them)."""
+    control = headers.get("Cache-Control", "").lower()
+    if "no-store" in control:
+        return False
+    vary = {v.strip().lower() for v in ",".join(headers.getall("Vary", [])).split(",")}
+    return vary <= {"", "accept-encoding"}
 
 
 async def _kept_body(

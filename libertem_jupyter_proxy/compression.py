@@ -26,21 +26,32 @@ def no_transform(cache_control: str | None) -> bool:
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether ``Accept-Encoding`` allows gzip (``gzip;q=0`` forbids it)."""
+    """Whether ``Accept-Encoding`` allows gzip (``gzip;q=0`` forbids it).
+
+    An explicit ``gzip`` entry wins over ``*`` wherever they stand (RFC 9110 12.5.3: ``*``
+    matches only codings not listed), so ``*, gzip;q=0`` refuses gzip.
+    """
+    explicit: float | None = None
+    wildcard: float | None = None
     for part in accept_encoding.split(","):
         coding, _, params = part.strip().partition(";")
-        if coding.strip().lower() not in ("gzip", "*"):
+        coding = coding.strip().lower()
+        if coding not in ("gzip", "*"):
             continue
         q = 1.0
         for p in params.split(";"):
             k, _, v = p.strip().partition("=")
-            if k.strip() == "q":
+            if k.strip().lower() == "q":
                 try:
                     q = float(v)
                 except ValueError:
                     q = 0.0
-        return q > 0
-    return False
+        if coding == "gzip":
+            explicit = q if explicit is None else max(explicit, q)
+        else:
+            wildcard = q if wildcard is None else max(wildcard, q)
+    chosen = explicit if explicit is not None else wildcard
+    return chosen is not None and chosen > 0
 
 
 def should_compress(

@@ -461,14 +461,16 @@ class DownloadHandler(BaseHandler):
 
 
 class TextHandler(BaseHandler):
-    """``/_fake/text?size=N&type=T&chunks=K``: a compressible text body (like the GUI's JS
-    bundle), written in K flushed chunks, with Content-Length and an ETag."""
+    """``/_fake/text?size=N&type=T&chunks=K&note=X``: a compressible text body (like the GUI's
+    JS bundle), written in K flushed chunks, with Content-Length and an ETag. ``note`` starts
+    the body but is not part of the ETag (an ETag is only unique within one URL)."""
 
     async def get(self) -> None:
         size = int(self.get_query_argument("size", "100000"))
         chunks = max(1, int(self.get_query_argument("chunks", "1")))
         line = b"function liberTEM(frame) { return frame * 2; } // padding text\n"
-        body = (line * (size // len(line) + 1))[:size]
+        note = self.get_query_argument("note", "").encode()
+        body = (note + line * (size // len(line) + 1))[:size]
         self.set_header("Content-Type", self.get_query_argument("type", "application/javascript"))
         self.set_header("Content-Length", str(size))
         self.set_header("ETag", f'"fake-text-{size}"')
