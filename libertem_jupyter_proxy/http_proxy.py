@@ -257,8 +257,21 @@ class HttpProxyHandler(ProxyHandlerBase):
             else:
                 resp.close()
 
+    def _describe(self, e: BaseException) -> str:
+        """``Type: message`` of an upstream error, never with the backend's token.
+
+        Not ``repr``: aiohttp's ``ClientResponseError`` repr carries the request's headers,
+        ``X-Api-Key`` among them, and Jupyter's log is often readable by others (spawner logs).
+        """
+        text = f"{type(e).__name__}: {e}"
+        run = self._run or self.supervisor.run
+        if run is not None and run.token:
+            text = text.replace(run.token, "<token>")
+        return text
+
     def _send_unreachable(self, e: BaseException) -> None:
-        self.log.warning("LiberTEM proxy: backend request failed: %r", e)
+        described = self._describe(e)
+        self.log.warning("LiberTEM proxy: backend request failed: %s", described)
         if isinstance(e, asyncio.TimeoutError):
             error = BackendError(
                 "request-timeout",
@@ -275,7 +288,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             error = BackendError(
                 "unreachable",
                 "LiberTEM closed the connection while this upload was still being sent, "
-                f"before an answer could be read ({type(e).__name__}: {e}). It may have "
+                f"before an answer could be read ({described}). It may have "
                 "refused the upload (for example as too large).",
                 hint="Check LiberTEM's log below; retry with a smaller file if it was large.",
             )
@@ -283,7 +296,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             gone = self.supervisor.run is None or self.supervisor.run.exited.is_set()
             error = BackendError(
                 "died" if gone else "unreachable",
-                f"LiberTEM did not answer this request ({type(e).__name__}: {e}).",
+                f"LiberTEM did not answer this request ({described}).",
                 exit_code=self.supervisor.last_exit_code,
                 hint="Reload the page; LiberTEM is started again if it stopped.",
             )
@@ -339,7 +352,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             return  # the browser went away; leaving the context closes the upstream connection
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as e:
             # the backend died mid-body: the browser must see a broken response, not a short one
-            self.log.warning("LiberTEM proxy: backend response broke off: %r", e)
+            self.log.warning("LiberTEM proxy: backend response broke off: %s", self._describe(e))
             if not self._headers_written and not self._finished:
                 # nothing sent yet (a small body is read whole first): say what happened
                 self._send_unreachable(e)

@@ -357,3 +357,18 @@ async def test_backend_dies_before_small_body_complete(rig: Rig, framing: str) -
     resp, _ = await rig.proxied("GET", "x", [header(steps, scripts.new_id())])
     assert resp.status == 502
     await settled(rig)
+
+
+async def test_malformed_answer_never_puts_the_token_in_the_log(rig: Rig, caplog) -> None:
+    """Found by the red-team review: a status line aiohttp cannot parse was logged with the
+    exception's repr, which carries the request's headers, X-Api-Key among them."""
+    caplog.set_level("DEBUG")
+    _, token = await rig.backend()
+    steps = [send(b"HTTX/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")]
+    resp, _ = await rig.proxied("GET", "x", [header(steps, scripts.new_id(), close=True)])
+    assert resp.status == 502
+    assert token not in resp.body.decode("latin-1")
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "backend request failed" in logged  # the failure is logged ...
+    assert token not in logged  # ... without the secret
+    await settled(rig)
