@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-CONFIG_PATH = "/api/config/"
-# headers of the backend's answer that describe its body, not the rewritten one
-DROPPED_HEADERS = frozenset({"content-length", "etag", "content-md5", "digest"})
+from . import contract
+
+# what is edited, and which headers go with it, is declared in the HTTP contract
+CONFIG_PATH = contract.CONFIG_PATH
+DROPPED_HEADERS = contract.CONFIG_ANSWER_REMOVED
+CONDITIONAL_HEADERS = contract.CONFIG_REQUEST_REMOVED
 
 
 class ConfigRewrite:
@@ -62,3 +65,12 @@ def for_response(
     if cpus is None or method != "GET" or status != 200 or upstream_path != CONFIG_PATH:
         return None
     return ConfigRewrite(cpus)
+
+
+def request_drop(method: str | None, upstream_path: str, cpus: int | None) -> frozenset[str]:
+    """Request headers not to forward for this request: the conditional ones when its answer
+    will be rewritten (red-team finding: a browser that cached ``api/config/`` before got a 304
+    and kept the old count), nothing otherwise."""
+    if cpus is None or method != "GET" or upstream_path != CONFIG_PATH:
+        return frozenset()
+    return CONDITIONAL_HEADERS

@@ -175,3 +175,19 @@ NO_BODY_STATUSES: Final = frozenset({204, 304})
 #: page or JSON naming the problem when LiberTEM cannot answer. A response the backend breaks
 #: off mid-body is broken off to the browser too (never completed as if it were whole).
 PROXY_STATUSES: Final = frozenset({403, 413, 502, 503, 504})
+
+
+# --- the one answer edited on purpose (adaptations.py) -----------------------------------------
+
+#: ``GET`` of this path: ``config.localCores`` and ``config.devices.cpus`` of the 200 are set to
+#: the ``cpus`` figure (LiberTEM 0.16 proposes the host's physical cores, see sizing.py).
+CONFIG_PATH: Final = "/api/config/"
+
+#: Removed from that rewritten answer: they describe LiberTEM's own body.
+CONFIG_ANSWER_REMOVED: Final = frozenset({"content-length", "etag", "content-md5", "digest"})
+
+#: Not forwarded with that request: they compare LiberTEM's validators of the unrewritten body,
+#: so its 304 would confirm a copy cached before the rewrite (or with another ``cpus``).
+CONFIG_REQUEST_REMOVED: Final = frozenset(
+    {"if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range"}
+)

@@ -204,9 +204,11 @@ class LiberTEMProxy(ExtensionApp):
     @validate("cpus")
     def _valid_cpus(self, proposal: Any) -> int | str:
         value = proposal["value"]
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
             value = int(value)  # from the command line: --LiberTEMProxy.cpus=4
-        if value in ("auto", "host") or (isinstance(value, int) and value >= 1):
+        if value in ("auto", "host") or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
             return value
         raise TraitError(
             f"LiberTEMProxy.cpus must be 'auto', 'host' or an integer >= 1, not {value!r}"

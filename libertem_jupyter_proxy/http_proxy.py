@@ -210,7 +210,12 @@ class HttpProxyHandler(ProxyHandlerBase):
         return await run.session.request(
             self.request.method or "GET",
             url,
-            headers=self.build_upstream_headers(run),
+            headers=self.build_upstream_headers(
+                run,
+                drop=adaptations.request_drop(
+                    self.request.method, self.upstream_path(), self.proxy_settings.cpus
+                ),
+            ),
             data=pipe.chunks() if pipe is not None else None,
             allow_redirects=False,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),

@@ -14,7 +14,9 @@ limit. :func:`cpu_figure` finds the smallest of the limits that apply to this pr
 - ``SLURM_CPUS_ON_NODE``, else ``SLURM_JOB_CPUS_PER_NODE`` (``"4(x2),2"``: this node's entry);
 - a memory bound: the cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``,
   smallest over the ancestors) or ``MEM_LIMIT`` (bytes, also from ``Spawner.get_env``), divided
-  by :data:`WORKER_MEMORY` after :data:`RESERVED_MEMORY` is set aside.
+  by :data:`WORKER_MEMORY` after :data:`RESERVED_MEMORY` is set aside;
+- and never more than LiberTEM's own count (the physical cores): the CPU limits above count
+  logical CPUs, which on a host with SMT are twice the cores.
 
 Fractional CPU limits round down (a quota of 1.5 CPUs runs one worker at full speed); the
 result is never below 1.
@@ -47,7 +49,8 @@ class Bound:
     """One limit that applies to this process.
 
     ``source``: a short stable name (``affinity``, ``cgroup-cpu``, ``CPU_LIMIT``,
-    ``SLURM_CPUS_ON_NODE``, ``SLURM_JOB_CPUS_PER_NODE``, ``cgroup-memory``, ``MEM_LIMIT``);
+    ``SLURM_CPUS_ON_NODE``, ``SLURM_JOB_CPUS_PER_NODE``, ``cgroup-memory``, ``MEM_LIMIT``,
+    ``physical-cores``);
     ``cpus``: the number of workers it allows (>= 1); ``detail``: what was read, for people.
     """
 
@@ -325,11 +328,20 @@ def _cpu_list(cpus: list[int]) -> str:
     return ",".join(out)
 
 
+def physical_cores() -> int | None:
+    """The host's physical core count, as LiberTEM 0.16 counts it (``psutil.cpu_count(
+    logical=False)``); None where psutil cannot tell."""
+    import psutil
+
+    return psutil.cpu_count(logical=False)
+
+
 def cpu_figure(
     setting: str | int,
     environ: Mapping[str, str] | None = None,
     proc: Path = Path("/proc"),
     affinity: Callable[[], set[int]] | None = None,
+    physical: Callable[[], int | None] = physical_cores,
 ) -> CpuFigure:
     """The figure for ``c.LiberTEMProxy.cpus``: ``"auto"``, ``"host"`` or a positive int.
 
@@ -344,6 +356,11 @@ def cpu_figure(
     if setting != "auto":
         raise ValueError(f"c.LiberTEMProxy.cpus must be 'auto', 'host' or an integer: {setting!r}")
     found = bounds(environ, proc, affinity)
+    # never more than LiberTEM itself would propose: the affinity and the quotas count logical
+    # CPUs, so on a host with SMT (2 threads per core) they alone would double the workers
+    cores = physical()
+    if cores:
+        found.append(Bound("physical-cores", cores, f"psutil.cpu_count(logical=False): {cores}"))
     if not found:
         return CpuFigure("auto", os.cpu_count() or 1, "host-default")
     smallest = min(found, key=lambda b: b.cpus)

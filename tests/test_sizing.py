@@ -70,6 +70,7 @@ class Tree:
             environ=env or {},
             proc=self.proc,
             affinity=(lambda: set(cpus)) if cpus is not None else _all_cpus,
+            physical=lambda: None,  # the fabricated host's core count is not known
         )
 
 
@@ -262,6 +263,17 @@ def test_integer_and_host_settings() -> None:
         cpu_figure("many")
 
 
+def test_never_more_than_the_physical_cores() -> None:
+    """SMT: 16 logical CPUs on 8 cores; LiberTEM itself proposes 8, so "auto" never more
+    (red-team finding: the affinity alone proposed 16)."""
+    fig = cpu_figure("auto", {}, Path("/nonexistent"), lambda: set(range(16)), lambda: 8)
+    assert (fig.cpus, fig.source) == (8, "physical-cores")
+    fig = cpu_figure(
+        "auto", {"CPU_LIMIT": "4"}, Path("/nonexistent"), lambda: set(range(16)), lambda: 8
+    )
+    assert (fig.cpus, fig.source) == (4, "CPU_LIMIT")
+
+
 def test_this_machine_gives_a_sane_figure() -> None:
     fig = cpu_figure("auto")
     assert fig.cpus is not None and 1 <= fig.cpus <= (len(sizing.os.sched_getaffinity(0)))
@@ -352,3 +364,19 @@ async def test_proxy_host_setting_passes_the_config_through(client, supervisor) 
     assert json.loads(r.body)["config"]["localCores"] == (sizing.os.cpu_count() or 1)
     status = await client.json("libertem-proxy/api/status")
     assert status["sizing"] == {"setting": "host", "cpus": None, "source": "host", "bounds": []}
+
+
+@pytest.mark.proxy_config(cpus="host")
+async def test_a_copy_cached_before_the_rewrite_is_never_confirmed(client, supervisor, app) -> None:
+    """Red-team finding: the browser's If-None-Match (the backend's ETag, cached while
+    ``cpus = "host"``, or under 0.1.x) reached the backend, whose 304 kept the old count."""
+    await supervisor.ensure_running()
+    r = await client.fetch("libertem/api/config/")
+    etag = r.headers["Etag"]  # "host": nothing rewritten, the backend's own validator
+    again = await client.fetch("libertem/api/config/", headers={"If-None-Match": etag})
+    assert again.code == 304  # the backend does honour it (so the check below can fail)
+    # as after a restart with c.LiberTEMProxy.cpus = 1
+    app.settings["libertem_proxy"].sizing = cpu_figure(1)
+    r = await client.fetch("libertem/api/config/", headers={"If-None-Match": etag})
+    assert r.code == 200, r.code
+    assert json.loads(r.body)["config"]["localCores"] == 1

@@ -271,6 +271,17 @@ class TestTraits:
         app.extra_args = ["--cpus=2"]
         assert app.extra_args == ["--cpus=2"]
 
+    @pytest.mark.parametrize("value", [True, False, 0, -1, "²", "lots"])
+    def test_cpus_refuses_what_is_not_a_count(self, value):
+        """Red-team finding: ``cpus = True`` passed the check (a bool is an int) and then
+        disabled the whole extension; ``"²"`` raised ValueError instead of naming the option."""
+        from traitlets import TraitError
+
+        from libertem_jupyter_proxy.extension import LiberTEMProxy
+
+        with pytest.raises(TraitError, match=r"LiberTEMProxy\.cpus"):
+            LiberTEMProxy(cpus=value)
+
     def test_command_bad_json_names_setting(self):
         from traitlets import TraitError
 
