@@ -9,6 +9,7 @@ from jupyter_server.base.handlers import JupyterHandler
 from tornado import web
 
 from . import pages
+from .errors import StoppedError
 from .headers import upstream_headers
 from .security import cross_site_reason
 
@@ -123,6 +124,12 @@ class ProxyHandlerBase(JupyterHandler):
         if self.request.method != "GET" or self.upstream_path() != "/":
             return False
         headers = self.request.headers
+        # a page the browser loads ahead in case the person goes there (address-bar
+        # predictions, speculation rules: "Sec-Purpose: prefetch[;prerender]", older
+        # "Purpose: prefetch") is marked as a navigation too, but nobody asked for it
+        purpose = headers.get("Sec-Purpose", "") + headers.get("Purpose", "")
+        if "prefetch" in purpose.lower():
+            return False
         mode = headers.get("Sec-Fetch-Mode")
         if mode is not None:
             dest = headers.get("Sec-Fetch-Dest", "document")
@@ -136,8 +143,24 @@ class ProxyHandlerBase(JupyterHandler):
         error = self.supervisor.refusal(self.is_person())
         if error is None:
             return False
+        # an open tab's reconnect loop asks about once a second for as long as it stays open:
+        # its expected 503s are not errors worth a log line each (Jupyter logs 5xx as errors)
+        self._quiet_refusal = isinstance(error, StoppedError)
         self.send_backend_error(error)
         return True
+
+    _quiet_refusal = False
+
+    def _log(self) -> None:
+        if self._quiet_refusal:  # one debug line instead of Jupyter's error-level access line
+            self.log.debug(
+                "%d %s %s (LiberTEM stopped on purpose)",
+                self.get_status(),
+                self.request.method,
+                self.request.path,
+            )
+            return
+        super()._log()
 
     def send_loading_page(self) -> None:
         self.clear()

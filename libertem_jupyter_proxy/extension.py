@@ -119,47 +119,53 @@ class LiberTEMProxy(ExtensionApp):
     ).tag(config=True)
 
     start_timeout = Float(
-        90.0, help="Seconds to wait for libertem-server to answer after starting it."
+        90.0, min=0.1, help="Seconds to wait for libertem-server to answer after starting it."
     ).tag(config=True)
 
     stop_timeout = Float(
         10.0,
+        min=0.0,
         help="""Seconds to wait for a graceful stop (SIGINT) before SIGTERM and then SIGKILL are
         sent to libertem-server's whole process group.""",
     ).tag(config=True)
 
     max_crashes = Int(
         3,
+        min=1,
         help="""After this many crashes (non-zero exits) within crash_window seconds, LiberTEM is
         not restarted automatically; users see an error page with the last log lines and a
         Retry button.""",
     ).tag(config=True)
 
-    crash_window = Float(120.0, help="Window (seconds) in which crashes are counted.").tag(
+    crash_window = Float(120.0, min=0.0, help="Window (seconds) in which crashes are counted.").tag(
         config=True
     )
 
     restart_backoff = Float(
         1.0,
+        min=0.0,
         help="""Delay before restarting after a crash, doubled with each further recent crash.""",
     ).tag(config=True)
 
     websocket_max_message_size = Int(
         128 * 1024 * 1024,
+        min=0,
         help="Largest websocket message relayed, in bytes, in either direction.",
     ).tag(config=True)
 
     max_body_size = Int(
         100 * 1024**3,
+        min=0,
         help="Largest request body (upload) accepted, in bytes. Bodies are streamed, not held.",
     ).tag(config=True)
 
     connect_timeout = Float(
-        10.0, help="Seconds to wait for a TCP connection to libertem-server."
+        10.0, min=0.1, help="Seconds to wait for a TCP connection to libertem-server."
     ).tag(config=True)
 
     read_timeout = Float(
         300.0,
+        min=0.0,
         help="""Seconds libertem-server may stay completely silent while answering one HTTP
         request before that request fails (an idle timeout: a long download that keeps sending
         data is never cut). 0 disables it. There is no total request timeout.""",
@@ -174,6 +180,7 @@ class LiberTEMProxy(ExtensionApp):
 
     idle_timeout = Float(
         0.0,
+        min=0.0,
         help="""Stop libertem-server gracefully after this many seconds without use (no open GUI
         tab, no request) to give its memory back; 0 turns this off. The next visit starts it
         again.""",
@@ -187,6 +194,7 @@ class LiberTEMProxy(ExtensionApp):
 
     loading_page_delay = Float(
         0.5,
+        min=0.0,
         help="""A browser opening the GUI while LiberTEM starts gets the loading page if the start
         takes longer than this many seconds (API requests and websockets wait instead).""",
     ).tag(config=True)

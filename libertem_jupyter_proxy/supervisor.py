@@ -456,6 +456,13 @@ class Supervisor:
         self.log.info("Starting LiberTEM (%s): %s", resolved.source, " ".join(argv))
         self.run = run
         self.starts += 1
+        if self.config.cwd and not os.path.isdir(self.config.cwd):  # noqa: ASYNC240 (one stat)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise BackendError(
+                "not-found",
+                f"The working directory for LiberTEM does not exist: {self.config.cwd}",
+                hint="Fix c.LiberTEMProxy.cwd (or leave it empty for Jupyter's root directory).",
+            )
         try:
             run.proc = await process.spawn(
                 argv,
@@ -643,7 +650,9 @@ class Supervisor:
         """Graceful stop, then escalate; always ends with the group gone and the run cleaned."""
         run.stopping = True
         proc = run.proc
-        if proc is not None and not run.exited.is_set():
+        # a graceful stop only for a run that became ready: libertem-server ignores SIGINT
+        # while it is still importing, so a stop during a start waited the whole stop_timeout
+        if proc is not None and not run.exited.is_set() and run.ready_at is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.proc.send_signal(signal.SIGINT)
             with contextlib.suppress(asyncio.TimeoutError):

@@ -292,3 +292,44 @@ async def test_malformed_option_is_named_everywhere(client, supervisor):
     # the valid options around them were applied (no order-dependent half configuration)
     assert supervisor.config.stop_timeout == 3.0
     assert supervisor.config.backoff_base == 0.05
+
+
+# --- found by the red-team review -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "purpose",
+    [{"Sec-Purpose": "prefetch"}, {"Sec-Purpose": "prefetch;prerender"}, {"Purpose": "prefetch"}],
+)
+async def test_a_prefetch_is_no_person(client, supervisor, app, purpose):
+    """The browser loads a page ahead (address-bar prediction, speculation rules) with the
+    navigation's Fetch Metadata plus Sec-Purpose; that must not undo a deliberate stop."""
+    await navigate(client, supervisor)
+    r = await client.fetch("libertem-proxy/api/stop", method="POST", auth="token")
+    assert r.code == 200
+    r = await client.fetch("libertem/", headers={**NAVIGATE, **purpose})
+    assert r.code == 503
+    await assert_stays_stopped(client, supervisor, app, "stop API")
+
+
+async def test_refused_reconnects_are_not_logged_as_errors(client, supervisor, caplog):
+    """An open tab's reconnect loop after a stop: once a second for as long as the tab is
+    open; those expected 503s were each an error line in Jupyter's log."""
+    await navigate(client, supervisor)
+    r = await client.fetch("libertem-proxy/api/stop", method="POST", auth="token")
+    assert r.code == 200
+    caplog.set_level("INFO")
+    caplog.clear()
+    for _ in range(3):
+        r = await client.fetch("libertem/api/config/", headers=FETCH)
+        assert r.code == 503
+    errors = [rec for rec in caplog.records if rec.levelname == "ERROR"]
+    assert errors == [], [rec.getMessage() for rec in errors]
+
+
+@pytest.mark.proxy_config(cwd="/nonexistent/working/dir")
+async def test_missing_cwd_is_named(client, supervisor):
+    r = await client.fetch("libertem/api/config/", headers=FETCH)
+    assert r.code >= 500
+    body = json.loads(r.body)
+    assert "c.LiberTEMProxy.cwd" in body["hint"] and "/nonexistent/working/dir" in body["message"]

@@ -282,6 +282,20 @@ class TestTraits:
         with pytest.raises(TraitError, match=r"LiberTEMProxy\.cpus"):
             LiberTEMProxy(cpus=value)
 
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [("start_timeout", -5), ("stop_timeout", -1), ("max_crashes", -1), ("idle_timeout", -1)],
+    )
+    def test_numbers_out_of_range_are_refused(self, name, value):
+        """Red-team finding: ``max_crashes = -1`` or ``start_timeout = -5`` were accepted and
+        then failed every start with a message that blamed LiberTEM."""
+        from traitlets import TraitError
+
+        from libertem_jupyter_proxy.extension import LiberTEMProxy
+
+        with pytest.raises(TraitError):
+            LiberTEMProxy(**{name: value})
+
     def test_command_bad_json_names_setting(self):
         from traitlets import TraitError
 

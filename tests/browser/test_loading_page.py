@@ -52,3 +52,27 @@ def test_error_page_in_browser_has_retry(jupyter_server: Any, browser_context: A
     page.locator("#retry").click()
     expect(page.locator("#title")).to_contain_text("LiberTEM", timeout=60_000)
     assert page.url.startswith(server.gui_url)
+
+
+def test_stop_while_the_loading_page_waits_stays_stopped(jupyter_server: Any, browser_context: Any):
+    """Red-team finding: the loading page reloaded itself when the state became "stopped",
+    and a reload is a navigation, so a Shutdown from the Running panel (or another tab) during a
+    slow start was undone at once. Now the page turns into the "stopped" page, whose Start
+    button is the person's way back."""
+    from playwright.sync_api import expect
+
+    server = jupyter_server("lab", env_overrides={"LIBERTEM_FAKE_START_DELAY": "30"})
+    page = browser_context.new_page()
+    page.goto(server.url("api/status"))
+    page.goto(server.gui_url)
+    expect(page.locator("#title")).to_contain_text("Starting LiberTEM", timeout=10_000)
+    stopped = server.api("POST", "libertem-proxy/api/stop")
+    assert stopped["state"] == "stopped"
+    # the page notices the stop on its next poll and shows the stopped page in place
+    expect(page.locator("body")).to_contain_text("Start LiberTEM", timeout=20_000)
+    status = server.api("GET", "libertem-proxy/api/status")
+    assert status["state"] == "stopped" and status["starts"] == 1, status
+    # the person's way back: the Start button
+    page.get_by_role("button", name="Start LiberTEM").click()
+    expect(page.locator("body")).not_to_contain_text("Start LiberTEM", timeout=60_000)
+    assert server.api("GET", "libertem-proxy/api/status")["starts"] == 2
