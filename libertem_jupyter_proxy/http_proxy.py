@@ -308,7 +308,10 @@ class HttpProxyHandler(ProxyHandlerBase):
         self.send_backend_error(error)
 
     async def _relay(self, resp: aiohttp.ClientResponse) -> None:
-        reason = resp.reason or httputil.responses.get(resp.status, "Unknown")
+        standard = httputil.responses.get(resp.status, "Unknown")
+        reason = resp.reason or standard
+        if not (reason.isascii() and reason.isprintable()) or any(c in reason for c in "<>&"):
+            reason = standard  # tornado would send "Unknown" (it refuses such a phrase)
         self.set_status(resp.status, reason)
         self.clear_header("Content-Type")
         assert self._run is not None
@@ -324,11 +327,16 @@ class HttpProxyHandler(ProxyHandlerBase):
             raw = adapt.headers(raw)
         for name, value in response_headers(raw, self._run.port, self.prefix):
             lname = name.lower()
-            if lname in seen or lname in _KEEP_JUPYTER:
-                self.add_header(name, value)
-            else:
-                self.set_header(name, value)
-                seen.add(lname)
+            try:
+                if lname in seen or lname in _KEEP_JUPYTER:
+                    self.add_header(name, value)
+                else:
+                    self.set_header(name, value)
+                    seen.add(lname)
+            except ValueError:
+                # a control character (RFC 9110 5.5 allows none but HTAB): tornado refuses to
+                # send it, and one bad header must not turn the whole answer into a 500
+                self.log.warning("LiberTEM proxy: dropped header %s with an invalid value", name)
         no_body = self.request.method == "HEAD" or resp.status in contract.NO_BODY_STATUSES
         if resp.status == 204:
             self.clear_header("Content-Length")  # RFC 9110 8.6: never on a 204

@@ -372,3 +372,17 @@ async def test_malformed_answer_never_puts_the_token_in_the_log(rig: Rig, caplog
     assert "backend request failed" in logged  # the failure is logged ...
     assert token not in logged  # ... without the secret
     await settled(rig)
+
+
+async def test_what_tornado_cannot_send_is_dropped_not_a_500(rig: Rig) -> None:
+    """Found by the red-team review: a DEL byte in a backend header value made the whole answer
+    Jupyter's bare 500; a reason phrase tornado refuses became "Unknown"."""
+    head = b"HTTP/1.1 200 <Fine>\r\nContent-Length: 2\r\nX-Bad: a\x7fb\r\nX-Good: yes\r\n\r\nok"
+    resp, _ = await rig.proxied("GET", "x", [header([send(head)], scripts.new_id())])
+    assert resp.status == 200
+    assert resp.reason == b"OK"
+    assert resp.body == b"ok"
+    names = {k.lower() for k, _ in resp.headers}
+    assert b"x-good" in names
+    assert b"x-bad" not in names
+    await settled(rig)
