@@ -747,6 +747,16 @@ def _apache_in_front(server: LiveServer, tmp_path: Path) -> None:
             with opener.open(front + path, timeout=60) as resp:
                 return resp.status, resp.read()
 
+        # LiberTEM was stopped on purpose above: a person starts it again (the start API;
+        # a plain GET is not a navigation and gets the "stopped" answer)
+        start = urllib.request.Request(
+            front + "libertem-proxy/api/start",
+            method="POST",
+            data=b"{}",
+            headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"},
+        )
+        with opener.open(start, timeout=120) as resp:
+            assert json.loads(resp.read())["state"] == "running"
         status, body = get("libertem/")
         assert status == 200 and b'<div id="root">' in body, body[:300]
         # a percent-encoded name (the real GUI has "LiberTEM%20logo-....png") passes unchanged
