@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import free_port
+from ..helpers import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(os.environ.get("E2E_DIR", REPO / ".e2e"))
@@ -224,18 +224,6 @@ def processes(run_id: str) -> list[Proc]:
         )
         found.append(Proc(int(entry), [c for c in cmdline if c], env))
     return found
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` (a cheap /proc or HTTP probe) until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:

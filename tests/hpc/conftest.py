@@ -35,7 +35,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .. import helpers
 
 REPO = Path(__file__).resolve().parents[2]
 SNIPPETS = REPO / "docs" / "snippets"
@@ -63,15 +64,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll a cheap probe (a /proc scan, a command, an HTTP GET) until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """:func:`tests.helpers.wait_until`, polling a little less often (Slurm's commands)."""
+    return helpers.wait_until(predicate, timeout, what, interval)
 
 
 def _die_with_parent() -> None:
