@@ -39,6 +39,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import profiling
 import setups
 from setups import Target
 from workloads import cpu_seconds
@@ -273,8 +274,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await setups.wait_http(ours.base + "api/config/", ours.headers, 60, 0.05)
         names = args.only or list(WORKLOADS)
         results: dict[str, dict[str, list[Sample]]] = {}
+        profiles: dict[str, Any] = {}
         for name in names:
             per: dict[str, list[Sample]] = {t.name: [] for t in targets}
+            recorder = profiling.start(ours, name, work) if args.profile else None
             for rep in range(args.reps):
                 order = targets if rep % 2 == 0 else targets[::-1]
                 for t in order:
@@ -284,6 +287,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         sample = {"error": f"{type(e).__name__}: {e}"[:200]}  # type: ignore[dict-item]
                     per[t.name].append(sample)
             results[name] = per
+            if recorder is not None:
+                profiles[name] = profiling.finish(recorder)
             row = report({name: per})[0]
             r = row["ratio"]
             print(
@@ -298,6 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "git": __import__("run").git_state(),
             "rows": report(results),
             "samples": results,
+            "profiles": profiles,
         }
     finally:
         for t in targets:
@@ -312,10 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=1.0, help="seconds per timed loop")
     p.add_argument("--download", type=int, default=256, help="MiB")
     p.add_argument("--upload", type=int, default=128, help="MiB")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy record our Jupyter during each workload (both targets' repetitions run; "
+        "only Jupyter is sampled)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
     print_rows(result["rows"])
+    if result["profiles"]:
+        profiling.print_summary(result["profiles"])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-hotpath.json"
     path.write_text(json.dumps(result, indent=1))

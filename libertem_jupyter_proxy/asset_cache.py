@@ -73,7 +73,7 @@ def keepable(method: str, upstream_path: str, etag: str | None, length: str | No
     """Whether a response about to be gzipped may be served from / stored in the body cache."""
     if method != "GET" or not etag or etag.startswith("W/") or upstream_path.startswith("/api/"):
         return False
-    return length is not None and length.isdigit() and int(length) <= MAX_ENTRY
+    return length is not None and length.isascii() and length.isdigit() and int(length) <= MAX_ENTRY
 
 
 def gzip_whole(body: bytes) -> bytes:

@@ -6,6 +6,9 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
+#: buffered bytes up to which ``chunks`` joins the buffered pieces into one
+JOIN_BELOW = 256 * 1024
+
 
 class BodyPipe:
     """A bounded, loss-free hand-over of request body chunks from tornado to aiohttp.
@@ -18,8 +21,8 @@ class BodyPipe:
     up (the backend answered early, or died), writes return at once and the rest of the body is
     discarded: the backend has said it does not want it.
 
-    Order: chunks leave in the order they were written; ``chunks`` joins whatever is buffered
-    into one write (fewer syscalls) without reordering.
+    Order: chunks leave in the order they were written; ``chunks`` joins small buffered chunks
+    into one write (fewer syscalls) without reordering, and hands large ones on as they are.
     """
 
     def __init__(self, max_bytes: int = 512 * 1024) -> None:
@@ -99,10 +102,14 @@ class BodyPipe:
                     await asyncio.sleep(0)
                     if self._reader_gone or isinstance(self._end, BaseException):
                         continue
-                    batch = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
-                    self._buf.clear()
-                    self._buffered = 0
-                    self._writable.set()
+                    if len(self._buf) == 1 or self._buffered > JOIN_BELOW:
+                        batch = self._buf.popleft()  # large pieces: joining them only copies
+                    else:
+                        batch = b"".join(self._buf)
+                        self._buf.clear()
+                    self._buffered -= len(batch)
+                    if self._buffered < self._max_bytes:
+                        self._writable.set()
                     yield batch
                     continue
                 if self._end is True:

@@ -376,6 +376,9 @@ class HeadersHandler(BaseHandler):
             }
         )
 
+    # what arrived with a body, too (the body itself is ignored)
+    post = put = patch = get
+
 
 @tornado.web.stream_request_body
 class EchoHandler(BaseHandler):

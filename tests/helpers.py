@@ -69,3 +69,14 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+async def settled(supervisor: Any, timeout: float = 20.0) -> None:
+    """Wait until the proxy's ``requests_in_flight`` is back to 0: a handler's end runs just
+    after its answer, and a handler whose browser went away ends when the proxy notices."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while supervisor.requests_in_flight != 0:
+        assert time.monotonic() < deadline, f"{supervisor.requests_in_flight} requests in flight"
+        await asyncio.sleep(0.01)

@@ -11,10 +11,8 @@ take the streaming path: the rig runs both transports.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from . import jupyter_rig, scripts
+from .helpers import settled
 from .jupyter_rig import Rig
 from .raw_backend import pattern
 from .raw_http import chunked
@@ -67,13 +66,6 @@ def cases(draw: st.DrawFn) -> Case:
     if size > 1 and draw(st.integers(0, 5)) == 0:
         cut = draw(st.integers(0, size - 1))
     return Case(upload, size, piece, client_pause, backend_pause, framing, expect, cut)
-
-
-async def settled(rig: Rig, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while rig.supervisor.requests_in_flight != 0:
-        assert time.monotonic() < deadline, f"{rig.supervisor.requests_in_flight} in flight"
-        await asyncio.sleep(0.01)
 
 
 async def check_case(rig: Rig, case: Case, seed: int) -> None:
@@ -129,7 +121,7 @@ async def check_case(rig: Rig, case: Case, seed: int) -> None:
         elif resp.status == 200:
             # the only acceptable outcome: the receiver can see that the body is broken
             assert resp.truncated or len(resp.body) != case.size, case
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 BIG = 64 * MiB

@@ -10,12 +10,12 @@ import asyncio
 import gzip
 import hashlib
 import json
-import time
 from typing import Any
 
 import pytest
 
 from . import jupyter_rig, raw_http, scripts
+from .helpers import settled
 from .jupyter_rig import BASE_URL, PREFIX, TOKEN, Rig
 from .raw_http import chunked
 from .scripts import header, response_head, send
@@ -23,14 +23,6 @@ from .scripts import header, response_head, send
 KiB = 1024
 rig = jupyter_rig.rig  # the fixtures
 tls_files = jupyter_rig.tls_files
-
-
-async def settled(rig: Rig, timeout: float = 10.0) -> None:
-    """``requests_in_flight`` is back to 0 (the handler's end runs just after the answer)."""
-    deadline = time.monotonic() + timeout
-    while rig.supervisor.requests_in_flight != 0:
-        assert time.monotonic() < deadline, rig.supervisor.requests_in_flight
-        await asyncio.sleep(0.01)
 
 
 def ok(body: bytes = b"done", extra: list[tuple[str, str]] = ()) -> list[Any]:  # type: ignore[assignment]
@@ -67,7 +59,7 @@ async def test_slow_backend_gets_the_whole_upload(rig: Rig, framing: str) -> Non
     rec = await rig.record(sid)
     assert rec["body_len"] == 72 * 64 * KiB
     assert rec["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 # --- 2. read_timeout = 0 means no timeout, also on the splice path ----------------------------
@@ -84,7 +76,7 @@ async def test_read_timeout_zero_large_download(rig: Rig) -> None:
     resp, _ = await rig.proxied("GET", "big", [header(steps, sid)])
     assert resp.status == 200 and not resp.truncated
     assert hashlib.sha256(resp.body).hexdigest() == scripts.sha(7, size)
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 # --- 3. Expect: 100-continue is answered by Jupyter, never forwarded -------------------------
@@ -99,7 +91,7 @@ async def test_expect_not_forwarded(rig: Rig) -> None:
     rec = await rig.record(sid)
     assert "expect" not in {n.lower() for n, _ in rec["headers"]}
     assert rec["body_len"] == 5
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 async def test_expect_with_backend_that_answers_at_once_and_closes(rig: Rig) -> None:
@@ -112,7 +104,7 @@ async def test_expect_with_backend_that_answers_at_once_and_closes(rig: Rig) -> 
     h = [header(steps, sid), ("Expect", "100-continue"), ("Content-Length", str(size))]
     resp, _ = await asyncio.wait_for(rig.proxied("POST", "x", h, [b"x" * size]), 30)
     assert resp.status == 413 and resp.body == b"nope"
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 # --- 4. an early answer (413 while the browser still uploads) reaches the browser -------------
@@ -134,7 +126,7 @@ async def test_early_413_while_uploading(rig: Rig) -> None:
         assert b"closed the connection while this upload was still being sent" in resp.body
     else:
         assert resp.status == 413 and resp.body == b"too big!"
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 # --- 5. an answer given before the body was read says Connection: close -----------------------
@@ -161,7 +153,7 @@ async def test_cross_site_refusal_says_connection_close(rig: Rig) -> None:
     resp, _ = await raw_http.exchange(rig.port, head, [b"hello"], tls=rig.tls)
     assert resp.status == 403
     assert resp.get("Connection") == b"close"
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 @pytest.mark.proxy_config(max_body_size=1000)
@@ -170,7 +162,7 @@ async def test_oversized_body_refused_with_413_and_connection_close(rig: Rig) ->
     resp, _ = await rig.proxied("PUT", "x", h, [b"z" * 5000])
     assert resp.status == 413
     assert resp.get("Connection") == b"close"
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 # --- 6. 304 and 204 with a Content-Length ------------------------------------------------------
@@ -197,7 +189,7 @@ async def test_no_body_status_with_content_length(rig: Rig, status: str) -> None
     else:
         assert resp.get("Content-Length") is None  # RFC 9110 8.6: never on a 204
     assert second is not None and second.status == 200  # the connection stays usable
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 # --- 7. gzip and its consequences --------------------------------------------------------------
@@ -356,7 +348,7 @@ async def test_backend_dies_before_small_body_complete(rig: Rig, framing: str) -
     steps = [send(response_head("200 OK", head)), [*scripts.body(3, 51, 1, 0, framing), False, 0]]
     resp, _ = await rig.proxied("GET", "x", [header(steps, scripts.new_id())])
     assert resp.status == 502
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 async def test_malformed_answer_never_puts_the_token_in_the_log(rig: Rig) -> None:
@@ -391,7 +383,7 @@ async def test_malformed_answer_never_puts_the_token_in_the_log(rig: Rig) -> Non
     logged = "\n".join(rec.getMessage() for rec in records)
     assert "backend request failed" in logged  # the failure is logged ...
     assert token not in logged  # ... without the secret
-    await settled(rig)
+    await settled(rig.supervisor)
 
 
 async def test_what_tornado_cannot_send_is_dropped_not_a_500(rig: Rig) -> None:
@@ -405,4 +397,4 @@ async def test_what_tornado_cannot_send_is_dropped_not_a_500(rig: Rig) -> None:
     names = {k.lower() for k, _ in resp.headers}
     assert b"x-good" in names
     assert b"x-bad" not in names
-    await settled(rig)
+    await settled(rig.supervisor)
