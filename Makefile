@@ -67,18 +67,23 @@ release-check: install
 screenshots: install-demo
 	LJP_SCREENSHOT_DIR=docs/_static/screenshots $(RUN) $(PY) -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
-# the lifecycle tests (and the stateful model) once more in a second venv with the LOWEST
-# versions pyproject.toml allows (tornado, jupyter_server, simpervisor, aiohttp: .ci/lowest_pins.py);
-# the package itself comes from this checkout via PYTHONPATH (no labextension build needed)
+# the lifecycle tests (and the stateful model) and the tests of the relay paths that lean on
+# tornado's HTTP/1.1 internals (body take-over, chunked framing, splice, websocket take-over) once
+# more in a second venv with the LOWEST versions pyproject.toml allows (tornado, jupyter_server,
+# simpervisor, aiohttp: .ci/lowest_pins.py); the package itself comes from this checkout via
+# PYTHONPATH (no labextension build needed)
 LOWEST_VENV ?= .venv-lowest
-LIFECYCLE_TESTS := tests/test_lifecycle.py tests/test_lifecycle_intent.py tests/test_lifecycle_model.py
+LOWEST_TESTS := tests/test_lifecycle.py tests/test_lifecycle_intent.py tests/test_lifecycle_model.py \
+	tests/test_splice.py tests/test_upload_takeover.py tests/test_body_integrity.py \
+	tests/test_http_regressions.py tests/test_ws_relay.py
 test-lowest:
 	test -x $(LOWEST_VENV)/bin/python || python3 -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --quiet $$(python3 .ci/lowest_pins.py) \
-		"pytest>=8,<10" "pytest-tornasync>=0.6" "psutil>=5.9" "hypothesis>=6.100"
+		"pytest>=8,<10" "pytest-tornasync>=0.6" "psutil>=5.9" "hypothesis>=6.100" \
+		"pytest-timeout>=2.2"
 	$(LOWEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(tornado|jupyter.server|simpervisor|aiohttp) '
 	PATH="$(abspath $(LOWEST_VENV))/bin:$$PATH" PYTHONPATH="$(CURDIR)" \
-		$(LOWEST_VENV)/bin/python -m pytest $(LIFECYCLE_TESTS) $(PYTEST_ARGS)
+		$(LOWEST_VENV)/bin/python -m pytest $(LOWEST_TESTS) $(PYTEST_ARGS)
 
 # a longer search of the stateful lifecycle model (CI runs a bounded one as part of make test)
 MODEL_EXAMPLES ?= 60

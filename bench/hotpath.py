@@ -5,7 +5,9 @@
 slow enough per byte to hide part of the proxy's cost. This runner uses
 ``bench/tornado_backend.py`` (what libertem-server does on these paths and nothing more) and an
 aiohttp client, and measures the workloads of issue 17's table, direct and through this
-extension, interleaved in one run (direct, ours, then ours, direct, ...), medians of ``--reps``:
+extension, interleaved in one run (direct, ours, then ours, direct, ...), medians of ``--reps``.
+A third target, ``relay`` (``bench/tcp_relay.py``: a TCP relay in Python that parses nothing),
+shows the floor any userspace proxy process has on this machine (``--no-relay`` leaves it out):
 
 ==============  ====================================================================
 ws_echo         1 MiB binary messages, one at a time: send, await the echo (MiB/s one way)
@@ -189,7 +191,7 @@ async def get_c1(t: Target, duration: float) -> Sample:
     c0 = _cpu(t)
     rate, n = await _get_rate(t.base + "api/config/", t.headers, duration)
     out: Sample = {"req/s": rate, **_cpu_result(t, c0, n + 50)}
-    if t.jupyter is not None:  # Jupyter's own cheapest authenticated handler, same moment
+    if "jupyter_base" in t.extra:  # Jupyter's own cheapest authenticated handler, same moment
         c1 = _cpu(t)
         floor, m = await _get_rate(f"{t.extra['jupyter_base']}api/status", t.headers, duration)
         out["floor req/s"] = floor
@@ -225,15 +227,22 @@ def median(samples: list[Sample], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _ratio(key: str, direct: float | None, value: float | None) -> float | None:
+    """``value`` against ``direct``, so that "as fast as direct" is always 1."""
+    if not direct or not value:
+        return None
+    return direct / value if key == "ms/msg" else value / direct
+
+
 def report(results: dict[str, dict[str, list[Sample]]]) -> list[dict[str, Any]]:
     rows = []
     for name, per in results.items():
         key = MAIN[name]
         d, o = median(per["direct"], key), median(per["ours"], key)
-        ratio = None
-        if d and o:
-            ratio = d / o if key == "ms/msg" else o / d  # always "ours as fast as direct = 1"
-        row = {"workload": name, "unit": key, "direct": d, "ours": o, "ratio": ratio}
+        r = median(per["relay"], key) if "relay" in per else None
+
+        row = {"workload": name, "unit": key, "direct": d, "ours": o, "ratio": _ratio(key, d, o)}
+        row |= {"relay": r, "relay ratio": _ratio(key, d, r)}
         for extra in ("jup_cpu_us", "be_cpu_us", "floor req/s", "floor_cpu_us"):
             v = median(per["ours"], extra)
             if v is not None:
@@ -241,6 +250,9 @@ def report(results: dict[str, dict[str, list[Sample]]]) -> list[dict[str, Any]]:
         v = median(per["direct"], "be_cpu_us")
         if v is not None:
             row["direct be_cpu_us"] = v
+        v = median(per.get("relay", []), "jup_cpu_us")
+        if v is not None:
+            row["relay cpu_us"] = v
         errors = [s["error"] for p in per.values() for s in p if "error" in s]
         if errors:
             row["errors"] = errors[:3]
@@ -249,16 +261,21 @@ def report(results: dict[str, dict[str, list[Sample]]]) -> list[dict[str, Any]]:
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'workload':15} {'unit':7} {'direct':>9} {'ours':>9} {'ratio':>6}  extra")
+    print(
+        f"\n{'workload':15} {'unit':7} {'direct':>9} {'ours':>9} {'ratio':>6} "
+        f"{'relay':>9} {'ratio':>6}  extra"
+    )
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:9.4g}"  # noqa: E731
+        rfmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         extra = ", ".join(
-            f"{k}={v:.4g}" for k, v in r.items() if k.startswith(("ours ", "direct ")) and v
+            f"{k}={v:.4g}"
+            for k, v in r.items()
+            if k.startswith(("ours ", "direct ", "relay cpu")) and v
         )
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         print(
             f"{r['workload']:15} {r['unit']:7} {fmt(r['direct'])} {fmt(r['ours'])} "
-            f"{ratio:>6}  {extra}"
+            f"{rfmt(r['ratio']):>6} {fmt(r.get('relay'))} {rfmt(r.get('relay ratio')):>6}  {extra}"
         )
         if "errors" in r:
             print(f"   errors: {r['errors']}")
@@ -272,6 +289,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ours = await setups.start_jupyter("ours", work / "ours", None, None, PROGRAM)
         targets.append(ours)
         await setups.wait_http(ours.base + "api/config/", ours.headers, 60, 0.05)
+        if not args.no_relay:
+            targets.append(await setups.start_relay(targets[0]))
         names = args.only or list(WORKLOADS)
         results: dict[str, dict[str, list[Sample]]] = {}
         profiles: dict[str, Any] = {}
@@ -318,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=1.0, help="seconds per timed loop")
     p.add_argument("--download", type=int, default=256, help="MiB")
     p.add_argument("--upload", type=int, default=128, help="MiB")
+    p.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="leave out the third target, bench/tcp_relay.py (the floor of a userspace relay)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

@@ -249,6 +249,36 @@ async def start_direct(workdir: Path, client_dir: Path | None, program: Path = B
     )
 
 
+async def start_relay(direct: Target) -> Target:
+    """``bench/tcp_relay.py`` in front of ``direct``'s backend: the floor of any userspace
+    proxy (see that file). Its CPU is reported where a proxy's Jupyter CPU would be."""
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 (before any measurement; waits for one line)
+        [
+            sys.executable,
+            str(Path(__file__).parent / "tcp_relay.py"),
+            str(port),
+            direct.base.split(":")[-1].rstrip("/"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        proc.kill()
+        raise RuntimeError("bench/tcp_relay.py did not start")
+    return Target(
+        "relay",
+        f"http://127.0.0.1:{port}/",
+        direct.headers,
+        jupyter=psutil.Process(proc.pid),
+        direct_backend=direct.direct_backend,
+        popen=proc,
+        program=direct.program,
+    )
+
+
 # ---------------------------------------------------------------- Jupyter
 
 

@@ -18,8 +18,8 @@ byte that the proxy's overhead disappears in the ratio. This one does what liber
 - no access log (libertem-server logs through Python logging at INFO, but its log goes to a
   pipe read by the proxy; here neither side pays for it).
 
-Routes: ``GET /`` and ``GET /api/config/`` (small JSON), ``GET /dl?size=N&chunked=0|1``,
-``POST /up`` (answers the byte count), websocket ``/api/events/``.
+Routes: ``GET /``, ``GET /small`` and ``GET /api/config/`` (small JSON),
+``GET /dl?size=N&chunked=0|1``, ``POST /up`` (answers the byte count), websocket ``/api/events/``.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ def make_app() -> tornado.web.Application:
         [
             (r"/", ConfigHandler),
             (r"/api/config/", ConfigHandler),
+            (r"/small", ConfigHandler),  # the same answer where the proxy rewrites nothing
             (r"/dl", DownloadHandler),
             (r"/up", UploadHandler),
             (r"/api/events/", EventsHandler),

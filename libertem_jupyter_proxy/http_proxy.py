@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+from collections.abc import AsyncIterator
 
 import aiohttp
 from tornado import httputil, web
@@ -45,6 +47,8 @@ _KEEP_JUPYTER = contract.SECURITY_HEADERS
 
 
 SMALL_BODY = 64 * 1024
+# what RFC 9110 5.5 forbids in a field value: the control characters other than HTAB
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 BODY_PIECE = 1024 * 1024  # the most _read_body reads at once
 
 
@@ -388,15 +392,18 @@ class HttpProxyHandler(ProxyHandlerBase):
             raw = adapt.headers(raw)
         for name, value in response_headers(raw, self._run.port, self.prefix):
             lname = name.lower()
+            # a control character (RFC 9110 5.5 allows none but HTAB): newer tornado refuses
+            # to send it (one bad header must not turn the answer into a 500), tornado 6.2
+            # would send it; either way it is dropped
             try:
+                if _CONTROL.search(value):
+                    raise ValueError(value)
                 if lname in seen or lname in _KEEP_JUPYTER:
                     self.add_header(name, value)
                 else:
                     self.set_header(name, value)
                     seen.add(lname)
-            except ValueError:
-                # a control character (RFC 9110 5.5 allows none but HTAB): tornado refuses to
-                # send it, and one bad header must not turn the whole answer into a 500
+            except ValueError:  # also what tornado refuses beyond that (6.6: a HTAB)
                 self.log.warning("LiberTEM proxy: dropped header %s with an invalid value", name)
         no_body = self.request.method == "HEAD" or resp.status in contract.NO_BODY_STATUSES
         if resp.status == 204:
@@ -440,7 +447,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         One flush may be in flight while the next chunk is read from the backend: that keeps
         both sockets busy, and still bounds what we buffer to about two chunks.
         """
-        if gzip is None and await self._splice_body(resp):
+        if gzip is None and (await self._splice_body(resp) or await self._send_chunked(resp)):
             return
         pending: asyncio.Future[None] | None = None
         async for chunk in resp.content.iter_any():
@@ -452,6 +459,52 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.write(gzip.finish())
         if pending is not None:
             await pending
+
+    def _browser_fd(self) -> int | None:
+        """The browser's socket, if the proxy may write to it directly: plain TCP (not
+        Jupyter's TLS), HTTP/1.1, and nothing of tornado's left to send (checked by callers
+        through a flush)."""
+        conn = self.request.connection
+        if not isinstance(conn, HTTP1Connection) or isinstance(conn.stream, SSLIOStream):
+            return None
+        if self.request.version != "HTTP/1.1":
+            return None
+        return conn.stream.socket.fileno()
+
+    async def _send_chunked(self, resp: aiohttp.ClientResponse) -> bool:
+        """Send a body of unknown length in chunked framing written here (:func:`.splice.
+        send_chunked`); False if the caller must stream it through tornado.
+
+        tornado writes the headers (with the ``Transfer-Encoding`` set here) and is then told
+        that it does not frame this body; it counts nothing written after the headers.
+        """
+        dst = self._browser_fd()
+        if dst is None or resp.status < 200 or resp.status in (204, 304):
+            return False
+        pieces = resp.content.iter_any().__aiter__()
+        # the headers go out with the first piece, as on tornado's path: a backend that dies
+        # before sending any of the body still gets the browser a 502 that says so
+        first = await anext(pieces, b"")
+        self.set_header("Transfer-Encoding", "chunked")
+        await self.flush()  # the headers; tornado's buffer is empty afterwards
+        conn = self.request.connection
+        assert isinstance(conn, HTTP1Connection)
+        # tornado >= 6.3 chunks whenever there is no Content-Length, even with our header, and
+        # would end the body a second time in finish(); the framing is ours from here on
+        conn._chunking_output = False
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            async for piece in pieces:
+                yield piece
+
+        await splice.send_chunked(
+            body(),
+            dst,
+            self.proxy_settings.read_timeout,
+            lambda: self._client_gone,
+        )
+        return True
 
     def _splice_fds(self, resp: aiohttp.ClientResponse) -> tuple[int, int, int] | None:
         """(backend fd, browser fd, body length) if this body can go through :mod:`.splice`."""

@@ -442,7 +442,8 @@ class DownloadHandler(BaseHandler):
         chunk = max(1, int(self.get_query_argument("chunk", str(CHUNK))))
         pause = float(self.get_query_argument("pause", "0"))  # seconds after each chunk
         self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Content-Length", str(size))
+        if self.get_query_argument("chunked", "0") != "1":  # else tornado frames it chunked
+            self.set_header("Content-Length", str(size))
         if name := self.get_query_argument("filename", ""):
             self.set_header("Content-Disposition", f'attachment; filename="{name}"')
         sent = 0

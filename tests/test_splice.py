@@ -160,3 +160,106 @@ async def test_not_modified_with_content_length_is_not_awaited(client) -> None:
             assert status == (b"304" if "not-modified" in path else b"200"), head
     finally:
         writer.close()
+
+
+async def _pieces(items: list[bytes], fail: Exception | None = None):
+    for item in items:
+        yield item
+    if fail is not None:
+        raise fail
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bytes]:
+    """(body, what follows the last chunk) of chunked framing, strictly (RFC 9112 7.1)."""
+    body, pos = [], 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end], 16)
+        if size == 0:
+            assert data[end + 2 : end + 4] == b"\r\n", data[end : end + 8]
+            return b"".join(body), data[end + 4 :]
+        body.append(data[end + 2 : end + 2 + size])
+        assert data[end + 2 + size : end + 4 + size] == b"\r\n"
+        pos = end + 4 + size
+
+
+async def test_send_chunked_frames_every_piece_and_ends_the_body() -> None:
+    a, b = await _tcp_pair()
+    items = [b"x", b"", pattern_bytes(0, 3 * MiB + 1), b"tail"]  # an empty piece is skipped
+    fds = len(os.listdir("/proc/self/fd"))
+    received = asyncio.ensure_future(_read_all(b))
+    await splice.send_chunked(_pieces(items), a.fileno(), idle_timeout=10)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    a.close()
+    body, rest = _dechunk(await received)
+    assert body == b"".join(items) and rest == b""
+    b.close()
+
+
+async def test_send_chunked_never_ends_a_body_the_backend_cut() -> None:
+    """The backend broke off: its error propagates and no last chunk is sent, so the browser
+    sees a cut body, never a complete short one."""
+    a, b = await _tcp_pair()
+    received = asyncio.ensure_future(_read_all(b))
+    with pytest.raises(ConnectionResetError, match="cut"):
+        await splice.send_chunked(
+            _pieces([b"abc"], ConnectionResetError("cut")), a.fileno(), idle_timeout=10
+        )
+    a.close()
+    assert await received == b"3\r\nabc\r\n"
+    b.close()
+
+
+async def test_send_chunked_reports_browser_gone() -> None:
+    a, b = await _tcp_pair()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    b.close()
+    with pytest.raises(splice.BrowserGone):
+        await splice.send_chunked(_pieces([b"z" * MiB] * 16), a.fileno(), idle_timeout=10)
+    a.close()
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    parts = []
+    while data := await loop.sock_recv(sock, MiB):
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def test_chunked_download_framed_by_the_proxy_keeps_alive(client, monkeypatch) -> None:
+    """Two chunked downloads on one browser connection: the proxy frames them itself
+    (``send_chunked``), tornado adds no framing of its own, and the connection carries the
+    second request."""
+    used: list[int] = []
+    real = splice.send_chunked
+
+    async def counting(*args, **kwargs):  # a spy; the real sender runs
+        used.append(1)
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(splice, "send_chunked", counting)
+    cookie = await client.login()
+    sizes = (5 * MiB + 7, 1000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port, limit=16 * MiB)
+    try:
+        for size in sizes:
+            writer.write(
+                (
+                    f"GET {client.base_url}libertem/_fake/download?size={size}&chunked=1"
+                    f"&chunk=70001 HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\n"
+                    f"Cookie: {cookie}\r\n\r\n"
+                ).encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert head.lower().count(b"transfer-encoding: chunked") == 1, head
+            assert b"content-length" not in head.lower(), head
+            framed = b""
+            while not framed.endswith(b"\r\n0\r\n\r\n"):
+                framed += await asyncio.wait_for(reader.read(MiB), 30)
+            body, rest = _dechunk(framed)
+            assert body == pattern_bytes(0, size) and rest == b""
+    finally:
+        writer.close()
+    assert used == [1, 1]
