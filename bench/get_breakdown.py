@@ -9,10 +9,11 @@ our Jupyter with ``bench/tornado_backend.py`` (as ``bench/hotpath.py`` does), th
 
 1. psutil CPU microseconds of the Jupyter process per request, at concurrency 1;
 2. a cProfile of the same loop (``bench/bench_probe.py``), its cumulative time per request
-   grouped into: tornado receiving the request, Jupyter's authentication, our ``prepare``,
-   the request to the backend (aiohttp), our relay of the answer, tornado writing the answer,
-   the access log. cProfile's overhead inflates every figure about alike; the groups are
-   shares of the profiled total, scaled to the psutil figure.
+   of: Jupyter's authentication, our ``prepare``, the request to the backend (aiohttp), our
+   relay of the answer, tornado writing the answer, the access log. cProfile's overhead
+   inflates every figure, so they are compared with each other only;
+3. the proxy's own share: Jupyter CPU per proxied request minus per ``/api/status`` request
+   (psutil), as a percentage of the latter, and how our steps split it (cProfile).
 
     python bench/get_breakdown.py [--requests 3000]
 """
@@ -44,12 +45,7 @@ def groups_of(cum: dict[str, float]) -> dict[str, float]:
     finish = cum.get("web.py:finish", 0.0)
     log = cum.get("web.py:log_request", 0.0)
     relay = cum.get("http_proxy.py:_relay", 0.0)
-    execute = cum.get("web.py:_execute", 0.0)
     return {
-        "tornado: receiving and parsing the request": cum.get(
-            "http1connection.py:_read_message", 0.0
-        )
-        - execute,
         "Jupyter: authentication (JupyterHandler.prepare)": auth,
         "ours: prepare without authentication": max(prepare - auth, 0.0),
         "ours: request to the backend until its headers (aiohttp)": cum.get(
@@ -58,7 +54,6 @@ def groups_of(cum: dict[str, float]) -> dict[str, float]:
         "ours: relaying the answer (headers, body)": max(relay - finish, 0.0) if relay else 0.0,
         "tornado: writing the answer (finish, without the log)": finish - log,
         "Jupyter: access log": log,
-        "the whole handler (web.py _execute)": execute,
     }
 
 
@@ -93,16 +88,29 @@ async def main(args: argparse.Namespace) -> None:
     t = await setups.start_jupyter("ours", work / "ours", None, None, PROGRAM)
     try:
         await setups.wait_http(t.base + "api/config/", t.headers, 60, 0.05)
+        results = {}
         for label, url in [
             ("proxied api/config/ (rewritten)", t.base + "api/config/"),
             ("proxied small JSON", t.base + "small"),
             ("Jupyter's own /api/status", t.extra["jupyter_base"] + "api/status"),
         ]:
-            m = await measure(t, url, args.requests)
+            m = results[label] = await measure(t, url, args.requests)
             print(f"\n{label}: {m['cpu_us']:.0f} us of Jupyter CPU per request (psutil)")
             print("  cProfile, cumulative per request (with cProfile's overhead):")
             for name, us in m["profiled_us"].items():
-                print(f"    {us:8.0f} us  {name}")
+                if us:
+                    print(f"    {us:8.0f} us  {name}")
+        floor = results["Jupyter's own /api/status"]["cpu_us"]
+        for label in list(results)[:2]:
+            m = results[label]
+            own = m["cpu_us"] - floor
+            ours = {k: v for k, v in m["profiled_us"].items() if k.startswith("ours")}
+            total = sum(ours.values()) or 1.0
+            split = ", ".join(f"{k[6:]} {100 * v / total:.0f}%" for k, v in ours.items())
+            print(
+                f"\n{label}: own share {own:.0f} us = {100 * own / floor:.0f}% of the floor "
+                f"({floor:.0f} us); by cProfile: {split}"
+            )
     finally:
         setups.stop(t)
         setups.cleanup_dir(work)
