@@ -17,7 +17,7 @@ import time
 import aiohttp
 import aiohttp.abc
 
-from . import dask_tls, port_owner, process
+from . import dask_tls, port_owner, process, upstream
 from .errors import BackendError
 
 
@@ -36,6 +36,8 @@ class BackendRun:
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
         self.session: aiohttp.ClientSession | None = None
+        # keep-alive sockets for the body-less requests (upstream.py)
+        self.pool: upstream.Pool | None = None
         self.reader: asyncio.Task[None] | None = None
         self.idle_watch: asyncio.Task[None] | None = None
         self.stopping = False

@@ -33,7 +33,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from yarl import URL
 
-from . import adaptations, asset_cache, contract, splice
+from . import adaptations, asset_cache, contract, splice, upstream
 from .backend_run import BackendRun
 from .base import ProxyHandlerBase
 from .body_pipe import BodyPipe
@@ -61,7 +61,13 @@ def _length(value: str | None) -> int | None:
     return int(value)
 
 
-def _is_small(resp: aiohttp.ClientResponse) -> bool:
+#: the backend's answer: from aiohttp (requests with a body) or from :mod:`.upstream` (the rest)
+Answer = aiohttp.ClientResponse | upstream.Answer
+#: requests that go through :mod:`.upstream` when they have no body
+FAST_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _is_small(resp: Answer) -> bool:
     """A body with a known, small length: no point in streaming it."""
     length = _length(resp.headers.get("Content-Length"))
     return length is not None and length <= SMALL_BODY
@@ -70,6 +76,20 @@ def _is_small(resp: aiohttp.ClientResponse) -> bool:
 def _mark_retrieved(fut: asyncio.Future[object]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _pieces(resp: Answer) -> AsyncIterator[bytes | memoryview]:
+    """The body as it arrives (a piece from :mod:`.upstream` is valid until the next)."""
+    if isinstance(resp, upstream.Answer):
+        return resp.pieces()
+    return resp.content.iter_any()
+
+
+def _body_read(resp: Answer) -> bool:
+    """Whether the whole body was read (then the upstream connection may be reused)."""
+    if isinstance(resp, upstream.Answer):
+        return resp.complete
+    return resp.content.at_eof()
 
 
 class ClientGone(Exception):
@@ -84,7 +104,7 @@ class HttpProxyHandler(ProxyHandlerBase):
 
     def initialize(self) -> None:
         self._pipe: BodyPipe | None = None
-        self._upstream: asyncio.Future[aiohttp.ClientResponse] | None = None
+        self._upstream: asyncio.Future[Answer] | None = None
         self._run: BackendRun | None = None
         self._client_gone = False
         self._counted = False
@@ -134,14 +154,17 @@ class HttpProxyHandler(ProxyHandlerBase):
         if self._has_body():
             self._pipe = BodyPipe()
             self._take_over_body(length or 0)
-        self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
+        if self._pipe is None and self.request.method in FAST_METHODS:
+            self._upstream = asyncio.ensure_future(self._send_fast(self._run))
+        else:
+            self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
         # if the browser goes away mid-body nobody awaits this; don't warn about its error
         self._upstream.add_done_callback(_mark_retrieved)
         if self._pipe is not None:
             pipe = self._pipe
             expected = -1 if length is None else length
 
-            def upstream_done(f: asyncio.Future[aiohttp.ClientResponse]) -> None:
+            def upstream_done(f: asyncio.Future[Answer]) -> None:
                 if f.cancelled() or f.exception() is not None:
                     self._failed_mid_upload = not self._body_complete
                     pipe.reader_done()  # nobody sends the rest: discard it
@@ -282,6 +305,24 @@ class HttpProxyHandler(ProxyHandlerBase):
             timeout=self.proxy_settings.client_timeout,
         )
 
+    async def _send_fast(self, run: BackendRun) -> upstream.Answer:
+        """A body-less GET, HEAD or OPTIONS through :mod:`.upstream` (cheaper than aiohttp)."""
+        assert run.pool is not None
+        query = strip_token_query(self.request.query)
+        path = self.upstream_path()
+        settings = self.proxy_settings
+        return await upstream.request(
+            run.pool,
+            self.request.method or "GET",
+            f"{path}?{query}" if query else path,
+            self.build_upstream_headers(
+                run,
+                drop=adaptations.request_drop(self.request.method, path, settings.cpus),
+            ),
+            settings.connect_timeout or None,
+            settings.read_timeout or None,
+        )
+
     async def data_received(self, chunk: bytes) -> None:
         if self._pipe is not None:
             await self._pipe.write(chunk)
@@ -322,7 +363,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         finally:
             # a fully read body keeps the pooled connection; anything else closes it, which is
             # how an aborted download is cancelled upstream (and an unfinished upload ended)
-            if resp.content.at_eof() and not self._early_answer:
+            if _body_read(resp) and not self._early_answer:
                 resp.release()
             else:
                 resp.close()
@@ -372,7 +413,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             )
         self.send_backend_error(error)
 
-    async def _relay(self, resp: aiohttp.ClientResponse) -> None:
+    async def _relay(self, resp: Answer) -> None:
         standard = httputil.responses.get(resp.status, "Unknown")
         reason = resp.reason or standard
         if not (reason.isascii() and reason.isprintable()) or any(c in reason for c in "<>&"):
@@ -431,7 +472,12 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.finish()
         except (StreamClosedError, splice.BrowserGone):
             return  # the browser went away; leaving the context closes the upstream connection
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as e:
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientConnectionError,
+            OSError,
+            asyncio.TimeoutError,
+        ) as e:
             # the backend died mid-body: the browser must see a broken response, not a short one
             self.log.warning("LiberTEM proxy: backend response broke off: %s", self._describe(e))
             if not self._headers_written and not self._finished:
@@ -441,7 +487,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             with contextlib.suppress(Exception):
                 self.request.connection.stream.close()  # type: ignore[attr-defined]
 
-    async def _stream_body(self, resp: aiohttp.ClientResponse, gzip: GzipStream | None) -> None:
+    async def _stream_body(self, resp: Answer, gzip: GzipStream | None) -> None:
         """Relay a large or open-ended body chunk by chunk, as it arrives.
 
         One flush may be in flight while the next chunk is read from the backend: that keeps
@@ -450,10 +496,10 @@ class HttpProxyHandler(ProxyHandlerBase):
         if gzip is None and (await self._splice_body(resp) or await self._send_chunked(resp)):
             return
         pending: asyncio.Future[None] | None = None
-        async for chunk in resp.content.iter_any():
+        async for chunk in _pieces(resp):
             if pending is not None:
                 await pending
-            self.write(gzip.compress(chunk) if gzip else chunk)
+            self.write(gzip.compress(chunk) if gzip else bytes(chunk))
             pending = self.flush()
         if gzip:
             self.write(gzip.finish())
@@ -471,7 +517,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             return None
         return conn.stream.socket.fileno()
 
-    async def _send_chunked(self, resp: aiohttp.ClientResponse) -> bool:
+    async def _send_chunked(self, resp: Answer) -> bool:
         """Send a body of unknown length in chunked framing written here (:func:`.splice.
         send_chunked`); False if the caller must stream it through tornado.
 
@@ -481,10 +527,10 @@ class HttpProxyHandler(ProxyHandlerBase):
         dst = self._browser_fd()
         if dst is None or resp.status < 200 or resp.status in (204, 304):
             return False
-        pieces = resp.content.iter_any().__aiter__()
+        pieces = _pieces(resp).__aiter__()
         # the headers go out with the first piece, as on tornado's path: a backend that dies
         # before sending any of the body still gets the browser a 502 that says so
-        first = await anext(pieces, b"")
+        first: bytes | memoryview = await anext(pieces, b"")
         self.set_header("Transfer-Encoding", "chunked")
         await self.flush()  # the headers; tornado's buffer is empty afterwards
         conn = self.request.connection
@@ -493,7 +539,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         # would end the body a second time in finish(); the framing is ours from here on
         conn._chunking_output = False
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncIterator[bytes | memoryview]:
             yield first
             async for piece in pieces:
                 yield piece
@@ -517,15 +563,42 @@ class HttpProxyHandler(ProxyHandlerBase):
         if length is None or not isinstance(conn, HTTP1Connection):
             return None
         stream = conn.stream
-        upstream = resp.connection
-        if isinstance(stream, SSLIOStream) or upstream is None or upstream.transport is None:
+        source = resp.connection
+        if isinstance(stream, SSLIOStream) or source is None or source.transport is None:
             return None
-        sock = upstream.transport.get_extra_info("socket")
-        if sock is None or upstream.transport.get_extra_info("sslcontext") is not None:
+        sock = source.transport.get_extra_info("socket")
+        if sock is None or source.transport.get_extra_info("sslcontext") is not None:
             return None
         return sock.fileno(), stream.socket.fileno(), length
 
-    async def _splice_body(self, resp: aiohttp.ClientResponse) -> bool:
+    async def _splice_answer(self, resp: upstream.Answer) -> bool:
+        """:meth:`_splice_body` for an answer read by :mod:`.upstream`: the body's head comes
+        from its buffer, and the socket stays usable for the next request afterwards."""
+        conn = self.request.connection
+        if not splice.AVAILABLE or not isinstance(conn, HTTP1Connection):
+            return False
+        if isinstance(conn.stream, SSLIOStream) or resp.status < 200:
+            return False
+        source = resp.splice_source()
+        if source is None:
+            return False
+        src, head, rest = source
+        if head:
+            self.write(head)
+        await self.flush()
+        if rest > 0:
+            await splice.relay(
+                src,
+                conn.stream.socket.fileno(),
+                rest,
+                self.proxy_settings.read_timeout,
+                lambda: self._client_gone,
+            )
+            conn._expected_content_remaining = 0
+        resp.moved()
+        return True
+
+    async def _splice_body(self, resp: Answer) -> bool:
         """Send the body with ``splice(2)`` if possible; False if the caller must stream it.
 
         aiohttp has already read some of the body along with the headers: that part goes out
@@ -534,6 +607,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         socket to socket in the kernel. tornado counts what it sends against Content-Length;
         the spliced bytes are accounted for by hand so that keep-alive to the browser works.
         """
+        if isinstance(resp, upstream.Answer):
+            return await self._splice_answer(resp)
         fds = self._splice_fds(resp)
         if fds is None:
             return False
@@ -553,7 +628,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             conn._expected_content_remaining = 0  # the spliced bytes, which tornado did not see
         return True
 
-    def _gzip_for(self, resp: aiohttp.ClientResponse) -> GzipStream | None:
+    def _gzip_for(self, resp: Answer) -> GzipStream | None:
         """Set up compression of this response if the browser takes gzip and it is text.
 
         Sets every header consequence listed in :data:`.contract.COMPRESSIBLE` (also for a
@@ -586,7 +661,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.set_header("ETag", "W/" + etag)  # another representation of the same data
         return None if self.request.method == "HEAD" else GzipStream()
 
-    def _revalidated_gzip(self, resp: aiohttp.ClientResponse) -> None:
+    def _revalidated_gzip(self, resp: Answer) -> None:
         """A 304 that confirms the browser's gzipped copy says what that copy's 200 said:
         the weak ETag the proxy made, and ``Vary: Accept-Encoding``.
 

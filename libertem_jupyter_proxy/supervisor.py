@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 
-from . import backend_run, port_owner, process
+from . import backend_run, port_owner, process, upstream
 from .backend_run import BackendRun
 from .command import CommandError, ResolvedCommand, resolve_command
 from .errors import BackendError, StoppedError, exit_description
@@ -482,6 +482,7 @@ class Supervisor:
         run.reader = asyncio.ensure_future(self._read_log(stdout))
         await self._start_guard(run)
         run.session = backend_run.new_session()
+        run.pool = upstream.Pool(run.port)
         return run
 
     async def _start_guard(self, run: BackendRun) -> None:
@@ -678,6 +679,8 @@ class Supervisor:
                     run.proc.close_pipes()
         if run.session is not None and not run.session.closed:
             await run.session.close()
+        if run.pool is not None:
+            run.pool.close()
         shutil.rmtree(run.tmpdir, ignore_errors=True)
 
 

@@ -1,0 +1,359 @@
+"""A small HTTP/1.1 client for the body-less requests (GET, HEAD, OPTIONS) to libertem-server.
+
+Why not aiohttp for these: a small GET through aiohttp cost Jupyter 300-480 µs of CPU before
+anything was relayed (building the request, tracing hooks, timers, its response object), the
+largest part of the proxy's own share of a small request (issue 17). This client does only
+what the proxy needs, on pooled keep-alive sockets to the one fixed address 127.0.0.1:<port>:
+
+- write the request head in one ``send``; read the answer into one growing buffer;
+- parse the status line and fields (RFC 9112 4, 5), skip interim 1xx answers (RFC 9110 15.2),
+  and find the body's framing (RFC 9112 6.3): none (HEAD, 1xx, 204, 304), ``Content-Length``,
+  chunked (RFC 9112 7.1), or until the backend closes;
+- hand the body on as it arrives (pieces are views into the buffer, valid until the next one
+  is asked for), or as a socket and a byte count for ``splice``;
+- keep the socket for the next request only when the whole body was read and neither side
+  said ``Connection: close``; check a pooled socket before reuse (the backend may have closed
+  it while idle), and retry once on a fresh socket if a reused one fails before any answer.
+
+Requests with a body stay with aiohttp (its streaming upload path, its early-answer handling).
+Errors are :class:`UpstreamError` (malformed or cut answers) or ``OSError``/``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+MAX_HEAD = 64 * 1024  # bytes of status line and fields; like aiohttp's and tornado's limits
+MAX_INTERIM = 8  # 1xx answers skipped before the final one
+RECV_SIZE = 256 * 1024
+IDLE_KEPT = 8  # pooled sockets kept per backend run
+
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+# field-name = token (RFC 9110 5.1, 5.6.2); value: no CR, LF or NUL (RFC 9110 5.5)
+_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
+
+
+class UpstreamError(ConnectionError):
+    """libertem-server's answer could not be read: malformed, or cut short."""
+
+
+class _Retry(Exception):
+    """A reused socket failed before any byte of the answer: send again on a fresh one."""
+
+
+class _Conn:
+    """One socket to the backend and its receive buffer (``buf[start:end]`` is unread)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(RECV_SIZE)
+        self.start = 0
+        self.end = 0
+
+    async def fill(self, timeout: float | None) -> int:
+        """Receive more after ``end``; 0 when the backend closed. Unread bytes are moved to the
+        front first when the free space runs short."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < RECV_SIZE // 4:
+            self.buf[: self.end - self.start] = self.buf[self.start : self.end]
+            self.end -= self.start
+            self.start = 0
+        with memoryview(self.buf) as view, view[self.end :] as free:
+            try:
+                n = self.sock.recv_into(free)
+            except BlockingIOError:
+                loop = asyncio.get_running_loop()
+                n = await asyncio.wait_for(loop.sock_recv_into(self.sock, free), timeout)
+        self.end += n
+        return n
+
+    def find(self, sep: bytes) -> int:
+        return self.buf.find(sep, self.start, self.end)
+
+
+class Pool:
+    """The idle keep-alive sockets to one backend run (127.0.0.1:``port``)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[_Conn] = []
+        self.closed = False
+
+    async def connect(self, timeout: float | None) -> _Conn:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", self.port)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock)
+
+    def take(self) -> _Conn | None:
+        """A pooled socket the backend has not closed, or None."""
+        while self.idle:
+            conn = self.idle.pop()
+            try:
+                if conn.sock.recv(1, socket.MSG_PEEK) == b"":
+                    raise ConnectionResetError  # closed by the backend while idle
+            except BlockingIOError:
+                return conn  # nothing to read: alive, as an idle connection should be
+            except OSError:
+                pass
+            conn.sock.close()  # closed, or it sent bytes nobody asked for
+        return None
+
+    def give_back(self, conn: _Conn) -> None:
+        if self.closed or len(self.idle) >= IDLE_KEPT:
+            conn.sock.close()
+        else:
+            conn.start = conn.end = 0
+            self.idle.append(conn)
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self.idle:
+            conn.sock.close()
+        self.idle.clear()
+
+
+class Answer:
+    """libertem-server's answer: status, fields, and its body, read on demand."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        conn: _Conn,
+        head: tuple[int, int, str, list[tuple[bytes, bytes]]],
+        method: str,
+        read_timeout: float | None,
+    ) -> None:
+        version, self.status, self.reason, self.raw_headers = head
+        self._pool = pool
+        self._conn: _Conn | None = conn
+        self._timeout = read_timeout
+        fields: CIMultiDict[str] = CIMultiDict()
+        for name, value in self.raw_headers:
+            fields.add(name.decode("latin-1"), value.decode("latin-1"))
+        self.headers = CIMultiDictProxy(fields)
+        tokens = {t.strip().lower() for t in ",".join(fields.getall("Connection", [])).split(",")}
+        self._keep_alive = version == 1 and "close" not in tokens
+        self._chunked = False
+        length: int | None = None
+        codings = ",".join(fields.getall("Transfer-Encoding", []))
+        if method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            length = 0
+        elif codings:
+            # RFC 9112 6.3 (3, 4): the last coding decides; with a Content-Length too, the
+            # connection must not be reused
+            self._chunked = codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
+            if not self._chunked or "Content-Length" in fields:
+                self._keep_alive = False
+        elif "Content-Length" in fields:
+            values = {v.strip() for v in ",".join(fields.getall("Content-Length")).split(",")}
+            value = values.pop() if len(values) == 1 else ""
+            if not (value.isascii() and value.isdigit()):
+                raise UpstreamError("LiberTEM sent an invalid Content-Length")
+            length = int(value)
+        else:
+            self._keep_alive = False  # read until the backend closes (RFC 9112 6.3, 8)
+        self._remaining = length  # body bytes not yet handed on (None: unknown)
+        self.complete = length == 0
+
+    def _live(self) -> _Conn:
+        if self._conn is None:
+            raise UpstreamError("the answer was already released")
+        return self._conn
+
+    async def pieces(self) -> AsyncIterator[memoryview]:
+        """The body, decoded of chunked framing, as it arrives. Each piece is a view into the
+        receive buffer, valid only until the next one is asked for. Raises UpstreamError if
+        the backend closes before the end its framing announced."""
+        if self._chunked:
+            async for piece in self._chunks():
+                yield piece
+            return
+        conn = self._live()
+        while self._remaining is None or self._remaining > 0:
+            if conn.start == conn.end and not await conn.fill(self._timeout):
+                if self._remaining is None:
+                    break  # read-until-close: this is the end
+                raise UpstreamError(
+                    f"LiberTEM closed the connection {self._remaining} bytes before the end"
+                )
+            end = conn.end
+            if self._remaining is not None:
+                end = min(end, conn.start + self._remaining)
+                self._remaining -= end - conn.start
+            with memoryview(conn.buf) as view, view[conn.start : end] as piece:
+                conn.start = end
+                yield piece
+        self.complete = True
+
+    async def _line(self, conn: _Conn, what: str) -> bytes:
+        """The next CRLF-terminated line of chunked framing, without its CRLF."""
+        while (at := conn.find(b"\r\n")) < 0:
+            if conn.end - conn.start > 4096:
+                raise UpstreamError(f"LiberTEM sent an over-long {what} line")
+            if not await conn.fill(self._timeout):
+                raise UpstreamError("LiberTEM closed the connection inside a chunked body")
+        line = bytes(conn.buf[conn.start : at])
+        conn.start = at + 2
+        return line
+
+    async def _chunks(self) -> AsyncIterator[memoryview]:
+        conn = self._live()
+        while True:
+            line = await self._line(conn, "chunk size")
+            match = _CHUNK_SIZE.fullmatch(line)
+            if match is None:
+                raise UpstreamError(f"LiberTEM sent an invalid chunk size line {line[:40]!r}")
+            size = int(match.group(1), 16)
+            if size == 0:
+                while await self._line(conn, "trailer"):
+                    pass  # trailer fields are not relayed (as before, with aiohttp)
+                self.complete = True
+                return
+            while size:
+                if conn.start == conn.end and not await conn.fill(self._timeout):
+                    raise UpstreamError("LiberTEM closed the connection inside a chunked body")
+                end = min(conn.end, conn.start + size)
+                size -= end - conn.start
+                with memoryview(conn.buf) as view, view[conn.start : end] as piece:
+                    conn.start = end
+                    yield piece
+            if await self._line(conn, "chunk end") != b"":
+                raise UpstreamError("LiberTEM sent a chunk longer than its size line said")
+
+    async def read(self) -> bytes:
+        """The whole body (the caller knows it is small)."""
+        return b"".join([bytes(p) async for p in self.pieces()])
+
+    def splice_source(self) -> tuple[int, bytes, int] | None:
+        """For a body of known length: (socket fd, the part already received, the bytes still
+        to come on the socket). The caller moves those bytes itself and then calls
+        :meth:`moved`; until then the body counts as unread (the socket is not reused)."""
+        conn = self._conn
+        if self._chunked or self._remaining is None or conn is None:
+            return None
+        end = min(conn.end, conn.start + self._remaining)
+        head = bytes(conn.buf[conn.start : end])
+        conn.start = end
+        self._remaining -= len(head)
+        return conn.sock.fileno(), head, self._remaining
+
+    def moved(self) -> None:
+        """The rest of the body announced by :meth:`splice_source` went out on the socket."""
+        self._remaining = 0
+        self.complete = True
+
+    def release(self) -> None:
+        """The exchange is over: the socket goes back to the pool if it can carry another
+        request (whole body read, keep-alive, nothing more received), else it is closed."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.complete and self._keep_alive and conn.start == conn.end:
+            self._pool.give_back(conn)
+        else:
+            conn.sock.close()
+
+    def close(self) -> None:
+        """End the exchange and close the socket (an aborted body: the backend sees it)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.sock.close()
+
+
+def _parse_head(data: bytes) -> tuple[int, int, str, list[tuple[bytes, bytes]]]:
+    """(minor version, status, reason, fields) of a response head without its final CRLF."""
+    lines = data.split(b"\r\n")
+    match = _STATUS.fullmatch(lines[0])
+    if match is None:
+        raise UpstreamError(f"LiberTEM sent an invalid status line {lines[0][:60]!r}")
+    fields = []
+    for line in lines[1:]:
+        field = _FIELD.fullmatch(line)
+        if field is None:  # also obs-fold (RFC 9112 5.2) and a bare LF inside a line
+            raise UpstreamError(f"LiberTEM sent an invalid header line {line[:60]!r}")
+        fields.append((field.group(1), field.group(2)))
+    reason = (match.group(3) or b"").decode("latin-1")
+    return int(match.group(1)), int(match.group(2)), reason, fields
+
+
+def request_head(method: str, target: str, port: int, headers: list[tuple[str, str]]) -> bytes:
+    """The request line and fields; values are encoded as UTF-8 as aiohttp does (see
+    :func:`.headers.as_utf8`), and ``Host`` names the backend's own address."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+async def request(
+    pool: Pool,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    connect_timeout: float | None,
+    read_timeout: float | None,
+) -> Answer:
+    """Send a body-less request; returns once the final answer's head is in."""
+    head = request_head(method, target, pool.port, headers)
+    conn = pool.take()
+    if conn is not None:
+        try:
+            return await _exchange(pool, conn, head, method, read_timeout, reused=True)
+        except _Retry:
+            pass
+    conn = await pool.connect(connect_timeout)
+    return await _exchange(pool, conn, head, method, read_timeout, reused=False)
+
+
+async def _exchange(
+    pool: Pool, conn: _Conn, head: bytes, method: str, read_timeout: float | None, reused: bool
+) -> Answer:
+    loop = asyncio.get_running_loop()
+    try:
+        try:
+            await loop.sock_sendall(conn.sock, head)
+        except OSError:
+            if reused:
+                raise _Retry from None
+            raise
+        for _ in range(MAX_INTERIM + 1):
+            while (end := conn.find(b"\r\n\r\n")) < 0:
+                if conn.end - conn.start > MAX_HEAD:
+                    raise UpstreamError(f"LiberTEM's answer head is over {MAX_HEAD} bytes")
+                try:
+                    received = await conn.fill(read_timeout)
+                except (ConnectionResetError, BrokenPipeError):
+                    if reused and conn.end == 0:
+                        raise _Retry from None
+                    raise
+                if not received:
+                    if reused and conn.end == 0:
+                        raise _Retry
+                    raise UpstreamError("LiberTEM closed the connection before its answer")
+            if end - conn.start > MAX_HEAD:
+                raise UpstreamError(f"LiberTEM's answer head is over {MAX_HEAD} bytes")
+            parsed = _parse_head(bytes(conn.buf[conn.start : end]))
+            conn.start = end + 4
+            if not 100 <= parsed[1] < 200 or parsed[1] == 101:
+                break
+        else:
+            raise UpstreamError(f"LiberTEM sent more than {MAX_INTERIM} interim answers")
+        if parsed[1] == 101:  # the proxy never asks to switch protocols on this path
+            raise UpstreamError("LiberTEM switched protocols on a plain HTTP request")
+        return Answer(pool, conn, parsed, method, read_timeout)
+    except BaseException:
+        conn.sock.close()
+        raise
