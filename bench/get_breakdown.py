@@ -48,9 +48,8 @@ def groups_of(cum: dict[str, float]) -> dict[str, float]:
     return {
         "Jupyter: authentication (JupyterHandler.prepare)": auth,
         "ours: prepare without authentication": max(prepare - auth, 0.0),
-        "ours: request to the backend until its headers (aiohttp)": cum.get(
-            "http_proxy.py:_send", 0.0
-        ),
+        "ours: request to the backend until its headers": cum.get("http_proxy.py:_send", 0.0)
+        + cum.get("http_proxy.py:_send_fast", 0.0),
         "ours: relaying the answer (headers, body)": max(relay - finish, 0.0) if relay else 0.0,
         "tornado: writing the answer (finish, without the log)": finish - log,
         "Jupyter: access log": log,

@@ -66,11 +66,12 @@ class _Conn:
             self.end -= self.start
             self.start = 0
         with memoryview(self.buf) as view, view[self.end :] as free:
-            try:
-                n = self.sock.recv_into(free)
-            except BlockingIOError:
-                loop = asyncio.get_running_loop()
-                n = await asyncio.wait_for(loop.sock_recv_into(self.sock, free), timeout)
+            while True:
+                try:
+                    n = self.sock.recv_into(free)
+                    break
+                except BlockingIOError:
+                    await _readable(self.sock.fileno(), timeout)
         self.end += n
         return n
 
@@ -274,6 +275,32 @@ class Answer:
             conn.sock.close()
 
 
+async def _readable(fd: int, timeout: float | None) -> None:
+    """Wait until ``fd`` can be read; TimeoutError after ``timeout`` seconds (None: no limit).
+
+    A plain future on the selector, not ``asyncio.wait_for`` around ``sock_recv_into``, which
+    creates a task for every wait: this is on the path of every proxied request."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    def expired() -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError(f"LiberTEM sent nothing for {timeout:g} s"))
+
+    loop.add_reader(fd, ready)
+    timer = loop.call_later(timeout, expired) if timeout else None
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+        if timer is not None:
+            timer.cancel()
+
+
 def _parse_head(data: bytes) -> tuple[int, int, str, list[tuple[bytes, bytes]]]:
     """(minor version, status, reason, fields) of a response head without its final CRLF."""
     lines = data.split(b"\r\n")
@@ -324,6 +351,10 @@ async def _exchange(
     loop = asyncio.get_running_loop()
     try:
         try:
+            sent = conn.sock.send(head)  # a request head fits the socket buffer: no wait
+            if sent < len(head):
+                await loop.sock_sendall(conn.sock, head[sent:])
+        except BlockingIOError:
             await loop.sock_sendall(conn.sock, head)
         except OSError:
             if reused:
