@@ -527,6 +527,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         dst = self._browser_fd()
         if dst is None or resp.status < 200 or resp.status in (204, 304):
             return False
+        if "Content-Length" in self._headers:
+            return False  # a known length (not spliced here): tornado sends it as it is
         pieces = _pieces(resp).__aiter__()
         # the headers go out with the first piece, as on tornado's path: a backend that dies
         # before sending any of the body still gets the browser a 502 that says so
