@@ -263,3 +263,14 @@ async def test_chunked_download_framed_by_the_proxy_keeps_alive(client, monkeypa
     finally:
         writer.close()
     assert used == [1, 1]
+
+
+async def test_known_length_without_splice_keeps_its_framing(client, monkeypatch) -> None:
+    """Where splice cannot be used (not Linux), a body with a Content-Length is streamed with
+    that length: never framed chunked as well (both fields in one answer is invalid, RFC 9112
+    6.1, and a browser may take either)."""
+    monkeypatch.setattr(splice, "AVAILABLE", False)
+    r = await client.fetch("libertem/_fake/download?size=300000")
+    assert r.code == 200 and r.body == pattern_bytes(0, 300000)
+    assert r.headers.get("Content-Length") == "300000"
+    assert "Transfer-Encoding" not in r.headers
