@@ -164,15 +164,24 @@ async def _aiohttp(port: int, method: str) -> tuple[Any, ...]:
 
 
 def _comparable(result: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What must be equal: status, reason and body as bytes, fields with their values."""
     if result[0] == "error":
         return ("error",)
     kind, status, reason, fields, body = result
-    # aiohttp decodes the reason as UTF-8 with surrogateescape, ours as latin-1: compare bytes
+    # whitespace around a value is not part of it (RFC 9110 5.5); aiohttp 3.9.0 kept the
+    # trailing part in raw_headers, later versions and ours do not
+    fields = [(name, value.strip(b" \t")) for name, value in fields]
     return (kind, status, reason, fields, body)
 
 
 def _run(coro_fn: Callable[[], Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro_fn(), 30))
+    """Run on a private loop: ``asyncio.run`` would unset the thread's current loop, which
+    the next pytest-tornasync test (tornado 6.2) still expects."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro_fn(), 30))
+    finally:
+        loop.close()
 
 
 @settings(
@@ -381,5 +390,5 @@ def test_no_socket_left_behind() -> None:
         await backend.stop()
 
     before = len(os.listdir("/proc/self/fd"))
-    asyncio.run(many())
+    _run(many)
     assert len(os.listdir("/proc/self/fd")) <= before
