@@ -6,7 +6,9 @@ client connection go to a new connection to the backend and back, unchanged, on 
 protocols (``TCP_NODELAY`` both ways, the same as the proxy), with flow control and nothing
 else: no HTTP parsing, no authentication, no headers. Whatever ratio it reaches against
 ``direct`` is the cost of the extra process hop itself on this machine (two more wake-ups,
-receives and sends per message); a proxy that parses and authenticates cannot do better.
+receives and sends per message). A proxy that also parses and authenticates pays that and
+more, unless it moves the bytes more cheaply than the relay does (``splice``, larger reads):
+then it can beat this floor, and the proxy's own downloads of a known length do.
 
     python bench/tcp_relay.py LISTEN_PORT BACKEND_PORT     # prints "ready" once listening
 """

@@ -7,7 +7,7 @@ else passes unchanged. The life of one request, in order:
    refused (413) before it is read; the backend is made ready; the upstream request starts at
    once, its body fed from a :class:`.BodyPipe` as the browser's body arrives.
 2. The body goes into the pipe as it arrives (backpressure both ways): a ``Content-Length``
-   body is read by the handler itself (``_take_over_body``, one copy per piece of up to 1 MiB),
+   body is read by the handler itself (``_take_over_body``, pieces of up to 1 MiB),
    a chunked one comes through tornado's ``data_received``.
 3. The method (``get``, ``post``...): the body is complete; await the backend's status and
    headers, then ``_relay`` them (headers through :func:`.headers.response_headers`, the body
@@ -78,6 +78,27 @@ def _mark_retrieved(fut: asyncio.Future[object]) -> None:
         fut.exception()
 
 
+def _emits(log: logging.Logger | logging.LoggerAdapter, level: int) -> bool:
+    """Whether a record of ``level`` would reach a handler that writes it.
+
+    Not ``isEnabledFor`` alone: Jupyter's application logger is at DEBUG and its handler at
+    INFO, so the logger lets debug records through and the handler drops them."""
+    logger: logging.Logger | None = log.logger if isinstance(log, logging.LoggerAdapter) else log
+    if logger is None or not logger.isEnabledFor(level):
+        return False
+    found = False
+    while logger is not None:
+        for handler in logger.handlers:
+            found = True
+            if level >= handler.level:
+                return True
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    last = logging.lastResort
+    return not found and last is not None and level >= last.level
+
+
 def _pieces(resp: Answer) -> AsyncIterator[bytes | memoryview]:
     """The body as it arrives (a piece from :mod:`.upstream` is valid until the next)."""
     if isinstance(resp, upstream.Answer):
@@ -129,7 +150,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             web.authenticated(lambda _self: None)(self)  # login redirect (GET) or 403
             return
         max_body = self.proxy_settings.max_body_size
-        length = _length(self.request.headers.get("Content-Length"))
+        length = self._declared_length()
         if length is not None and length > max_body:
             # refuse before reading it (tornado would answer a bare 400 and close)
             raise web.HTTPError(
@@ -176,20 +197,40 @@ class HttpProxyHandler(ProxyHandlerBase):
 
             self._upstream.add_done_callback(upstream_done)
 
+    def _declared_length(self) -> int | None:
+        """The request's ``Content-Length`` (None without one), made a single value.
+
+        Repeated equal values (``5, 5``: two fields, or a list) are one length (RFC 9110 8.6;
+        tornado accepts them too), written back as one value so that the upstream request
+        carries a length aiohttp accepts; anything else is a 400 that says why."""
+        headers = self.request.headers
+        value = headers.get("Content-Length")
+        if value is None:
+            return None
+        values = {v.strip() for v in value.split(",")}
+        single = values.pop() if len(values) == 1 else None
+        length = _length(single)
+        if length is None:
+            raise web.HTTPError(400, "Invalid Content-Length: %r", value[:40])
+        if single != value:
+            headers["Content-Length"] = single
+        return length
+
     def _take_over_body(self, length: int) -> bool:
         """Read a ``Content-Length`` body here instead of through tornado; False if we cannot.
 
         Why: tornado hands a streamed body over in pieces of at most 64 KiB, each copied three
         times on the way (a fresh receive buffer, its read buffer, the piece); with the pipe
         and aiohttp behind it, that was most of Jupyter's CPU for an upload, which ran at half
-        the direct speed (issue 17). Reading into one reused buffer with ``read_into`` costs one
-        copy per piece of up to 1 MiB.
+        the direct speed (issue 17). Reading into one reused buffer with ``read_into`` costs the
+        receive and one copy out of the buffer per piece of up to 1 MiB.
 
         How: tornado decides whether a body follows from the ``Content-Length`` of the headers
         object it parsed, right after ``prepare``. That object loses the header (so tornado
         reads no body and runs the method at once); the handler keeps a full copy as
         ``self.request.headers``. The method then waits for :meth:`_read_body`. A chunked body
-        (``Transfer-Encoding``) stays with tornado.
+        (``Transfer-Encoding``) stays with tornado. Each piece is read into the buffer and
+        copied out of it once (the pipe and aiohttp may hold it).
         """
         conn = self.request.connection
         headers = self.request.headers
@@ -214,7 +255,9 @@ class HttpProxyHandler(ProxyHandlerBase):
                 remaining -= n
                 await self._pipe.write(bytes(buf[:n]))
         except StreamClosedError:
-            self.on_connection_close()  # tornado may not have said so yet
+            # tornado may not have said so yet; only our part of on_connection_close: tornado's
+            # own would fail the request's body future, which tornado resolves itself next
+            self._browser_gone()
             raise
 
     async def _start_or_loading_page(self) -> BackendRun | None:
@@ -261,7 +304,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         proxied small request. tornado keeps ``_log`` as the hook for exactly this.
         """
         status = self.get_status()
-        if (status < 300 or status == 304) and not self.log.isEnabledFor(logging.DEBUG):
+        if (status < 300 or status == 304) and not _emits(self.log, logging.DEBUG):
             return
         super()._log()
 
@@ -328,13 +371,18 @@ class HttpProxyHandler(ProxyHandlerBase):
             await self._pipe.write(chunk)
 
     def on_connection_close(self) -> None:
+        self._browser_gone()
+        super().on_connection_close()
+
+    def _browser_gone(self) -> None:
+        """The browser's connection closed: end this request's count, and the upstream
+        request with it (an unfinished body is aborted, never ended as if complete)."""
         self._client_gone = True
         self._uncount()
         if self._pipe is not None:
             self._pipe.abort(ClientGone())
         elif self._upstream is not None and not self._upstream.done():
             self._upstream.cancel()
-        super().on_connection_close()
 
     async def _proxy(self) -> None:
         if self._body_reader is not None:
@@ -495,6 +543,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         """
         if gzip is None and (await self._splice_body(resp) or await self._send_chunked(resp)):
             return
+        self._end_by_closing_if_unframed()
         pending: asyncio.Future[None] | None = None
         async for chunk in _pieces(resp):
             if pending is not None:
@@ -505,6 +554,20 @@ class HttpProxyHandler(ProxyHandlerBase):
             self.write(gzip.finish())
         if pending is not None:
             await pending
+
+    def _end_by_closing_if_unframed(self) -> None:
+        """An HTTP/1.0 browser gets a body without a length unframed: its end is the end of the
+        connection (RFC 9112 6.3, 8). tornado would keep a connection open that the browser
+        asked to keep alive, and the browser would wait for ever; so it closes, and does not
+        say Keep-Alive (tornado's answer echoes the request's ``Connection``)."""
+        conn = self.request.connection
+        if self.request.version != "HTTP/1.0" or "Content-Length" in self._headers:
+            return
+        if isinstance(conn, HTTP1Connection):
+            conn._disconnect_on_finish = True
+            asked = conn._request_headers
+            if asked is not None and "Connection" in asked:
+                del asked["Connection"]
 
     def _browser_fd(self) -> int | None:
         """The browser's socket, if the proxy may write to it directly: plain TCP (not
@@ -546,12 +609,7 @@ class HttpProxyHandler(ProxyHandlerBase):
             async for piece in pieces:
                 yield piece
 
-        await splice.send_chunked(
-            body(),
-            dst,
-            self.proxy_settings.read_timeout,
-            lambda: self._client_gone,
-        )
+        await splice.send_chunked(body(), dst, lambda: self._client_gone)
         return True
 
     def _splice_fds(self, resp: aiohttp.ClientResponse) -> tuple[int, int, int] | None:

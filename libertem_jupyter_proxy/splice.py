@@ -83,7 +83,9 @@ async def relay(
     transports, whose registrations must stay untouched. ``cancelled`` is checked after each
     wake-up (the browser may have gone away, which tornado reports on its own fd). Raises
     :class:`BackendClosed`, :class:`BrowserGone` or :class:`TimeoutError` (after
-    ``idle_timeout`` seconds without any progress; ``idle_timeout <= 0`` waits forever).
+    ``idle_timeout`` seconds in which the backend sent nothing while the relay waited for it;
+    ``idle_timeout <= 0`` waits forever). Waiting for the browser has no limit: a paused
+    download stops reading, for as long as the person likes (tornado's own writes wait so too).
     """
     loop = asyncio.get_running_loop()
     src = os.dup(src_fd)
@@ -120,11 +122,14 @@ async def relay(
                     in_pipe -= m
                     moved = True
             if not moved:
+                waiting_for_backend = remaining and in_pipe < size
                 await _ready(
                     loop,
-                    src if remaining and in_pipe < size else None,
+                    src if waiting_for_backend else None,
                     dst if in_pipe else None,
-                    idle_timeout,
+                    # the idle limit is LiberTEM's (read_timeout): a browser that pauses a
+                    # download (it stops reading) may take as long as it likes, as in tornado
+                    idle_timeout if waiting_for_backend and not in_pipe else 0,
                 )
     finally:
         for fd in (src, dst, r, w):
@@ -133,9 +138,8 @@ async def relay(
 
 
 async def send_chunked(
-    pieces: AsyncIterator[bytes],
+    pieces: AsyncIterator[bytes | memoryview],
     dst_fd: int,
-    idle_timeout: float,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> None:
     """Send ``pieces`` to socket ``dst_fd`` in HTTP/1.1 chunked framing (RFC 9112 7.1), ending
@@ -143,32 +147,34 @@ async def send_chunked(
 
     Why: tornado frames a chunk by concatenating it with its size line (a copy of every body
     byte) and sends through its write buffer; a gathered write sends the backend's bytes as
-    they are. An empty piece is skipped (it would end the body). Raises :class:`BrowserGone`
-    or :class:`TimeoutError` like :func:`relay`; whatever ``pieces`` raises (the backend broke
-    off) propagates, and then the last chunk is never sent, so the browser sees a cut body.
+    they are. An empty piece is skipped (it would end the body). Each piece is sent before
+    the next is asked for (so a piece may be a view into a reused buffer). Raises
+    :class:`BrowserGone`; waiting for the browser has no time limit (see :func:`relay`), the
+    backend's is ``pieces``' own; whatever ``pieces`` raises (the backend broke off)
+    propagates, and then the last chunk is never sent, so the browser sees a cut body.
     """
     loop = asyncio.get_running_loop()
     dst = os.dup(dst_fd)
     try:
         async for piece in pieces:
             if piece:
-                await _send_all(loop, dst, [b"%x\r\n" % len(piece), piece, b"\r\n"], idle_timeout)
+                await _send_all(loop, dst, [b"%x\r\n" % len(piece), piece, b"\r\n"])
             if cancelled():
                 raise BrowserGone("the browser went away")
-        await _send_all(loop, dst, [b"0\r\n\r\n"], idle_timeout)
+        await _send_all(loop, dst, [b"0\r\n\r\n"])
     finally:
         os.close(dst)
 
 
 async def _send_all(
-    loop: asyncio.AbstractEventLoop, fd: int, buffers: list[bytes], idle_timeout: float
+    loop: asyncio.AbstractEventLoop, fd: int, buffers: list[bytes | memoryview]
 ) -> None:
     views = [memoryview(b) for b in buffers]
     while views:
         try:
             n = os.writev(fd, views)
         except BlockingIOError:
-            await _ready(loop, None, fd, idle_timeout)
+            await _ready(loop, None, fd, 0)  # the browser may pause reading (see relay)
             continue
         except OSError as e:
             raise BrowserGone(f"writing to the browser failed: {e}") from e

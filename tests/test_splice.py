@@ -49,7 +49,7 @@ async def test_relay_moves_exactly_count_bytes() -> None:
     body = pattern_bytes(0, 5 * MiB + 3)
     sender = asyncio.ensure_future(loop.sock_sendall(up_w, body + b"NEXT"))
     received = asyncio.ensure_future(_read_exactly(down_r, len(body)))
-    await splice.relay(up_r.fileno(), down_w.fileno(), len(body), idle_timeout=10)
+    await splice.relay(up_r.fileno(), down_w.fileno(), len(body))
     await sender
     assert hashlib.sha256(await received).digest() == hashlib.sha256(body).digest()
     assert await loop.sock_recv(up_r, 16) == b"NEXT"
@@ -63,7 +63,7 @@ async def test_relay_reports_backend_closing_early() -> None:
     up_w.sendall(b"x" * 1000)
     up_w.close()
     with pytest.raises(splice.BackendClosed, match="closed the connection"):
-        await splice.relay(up_r.fileno(), down_w.fileno(), 5000, idle_timeout=10)
+        await splice.relay(up_r.fileno(), down_w.fileno(), 5000)
     for s in (up_r, down_w, down_r):
         s.close()
 
@@ -75,7 +75,7 @@ async def test_relay_reports_browser_gone() -> None:
     down_r.close()  # with linger 0: a reset, like a browser tab that was closed
     sender = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(up_w, b"y" * (8 * MiB)))
     with pytest.raises(splice.BrowserGone):
-        await splice.relay(up_r.fileno(), down_w.fileno(), 8 * MiB, idle_timeout=10)
+        await splice.relay(up_r.fileno(), down_w.fileno(), 8 * MiB)
     up_w.close()
     sender.cancel()
     for s in (up_r, down_w):
@@ -188,7 +188,7 @@ async def test_send_chunked_frames_every_piece_and_ends_the_body() -> None:
     items = [b"x", b"", pattern_bytes(0, 3 * MiB + 1), b"tail"]  # an empty piece is skipped
     fds = len(os.listdir("/proc/self/fd"))
     received = asyncio.ensure_future(_read_all(b))
-    await splice.send_chunked(_pieces(items), a.fileno(), idle_timeout=10)
+    await splice.send_chunked(_pieces(items), a.fileno())
     assert len(os.listdir("/proc/self/fd")) == fds
     a.close()
     body, rest = _dechunk(await received)
@@ -202,9 +202,7 @@ async def test_send_chunked_never_ends_a_body_the_backend_cut() -> None:
     a, b = await _tcp_pair()
     received = asyncio.ensure_future(_read_all(b))
     with pytest.raises(ConnectionResetError, match="cut"):
-        await splice.send_chunked(
-            _pieces([b"abc"], ConnectionResetError("cut")), a.fileno(), idle_timeout=10
-        )
+        await splice.send_chunked(_pieces([b"abc"], ConnectionResetError("cut")), a.fileno())
     a.close()
     assert await received == b"3\r\nabc\r\n"
     b.close()
@@ -215,7 +213,7 @@ async def test_send_chunked_reports_browser_gone() -> None:
     b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     b.close()
     with pytest.raises(splice.BrowserGone):
-        await splice.send_chunked(_pieces([b"z" * MiB] * 16), a.fileno(), idle_timeout=10)
+        await splice.send_chunked(_pieces([b"z" * MiB] * 16), a.fileno())
     a.close()
 
 
