@@ -78,6 +78,9 @@ class JupyterProcess:
             JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
             LIBERTEM_ROOT=str(tmp_path),
             TMPDIR=str(self.tmp),
+            # a Jupyter that hangs instead of stopping is sent SIGABRT: its threads' stacks
+            # then end up in its log (see _assert_all_gone)
+            PYTHONFAULTHANDLER="1",
         )
         self.log = open(tmp_path / "jupyter.log", "wb")
         self.log_path = tmp_path / "jupyter.log"
@@ -138,7 +141,15 @@ def _backend(j: JupyterProcess) -> tuple[int, list[int], Path]:
 
 
 def _assert_all_gone(j: JupyterProcess, pid: int, workers: list[int], tmpdir: Path) -> None:
-    j.proc.wait(timeout=60)
+    try:
+        j.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        j.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            j.proc.wait(timeout=10)
+        raise AssertionError(
+            "Jupyter did not exit within 60 s; its log ends:\n" + j.log_path.read_text()[-8000:]
+        ) from None
     _wait(lambda: not process_alive(pid), 10, "libertem-server to exit")
     _wait(lambda: not any(process_alive(w) for w in workers), 10, "workers to exit")
     assert not tmpdir.exists(), "token directory left behind"
