@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from tornado import httputil, web
@@ -104,6 +104,16 @@ def _pieces(resp: Answer) -> AsyncIterator[bytes | memoryview]:
     if isinstance(resp, upstream.Answer):
         return resp.pieces()
     return resp.content.iter_any()
+
+
+async def _batches(resp: Answer) -> AsyncIterator[Sequence[bytes | memoryview]]:
+    """The body as lists of pieces (see :meth:`.upstream.Answer.batches`)."""
+    if isinstance(resp, upstream.Answer):
+        async for batch in resp.batches():
+            yield batch
+        return
+    async for piece in resp.content.iter_any():
+        yield (piece,)
 
 
 def _body_read(resp: Answer) -> bool:
@@ -592,10 +602,10 @@ class HttpProxyHandler(ProxyHandlerBase):
             return False
         if "Content-Length" in self._headers:
             return False  # a known length (not spliced here): tornado sends it as it is
-        pieces = _pieces(resp).__aiter__()
+        batches = _batches(resp).__aiter__()
         # the headers go out with the first piece, as on tornado's path: a backend that dies
         # before sending any of the body still gets the browser a 502 that says so
-        first: bytes | memoryview = await anext(pieces, b"")
+        first: Sequence[bytes | memoryview] = await anext(batches, [])
         self.set_header("Transfer-Encoding", "chunked")
         await self.flush()  # the headers; tornado's buffer is empty afterwards
         conn = self.request.connection
@@ -604,10 +614,10 @@ class HttpProxyHandler(ProxyHandlerBase):
         # would end the body a second time in finish(); the framing is ours from here on
         conn._chunking_output = False
 
-        async def body() -> AsyncIterator[bytes | memoryview]:
+        async def body() -> AsyncIterator[Sequence[bytes | memoryview]]:
             yield first
-            async for piece in pieces:
-                yield piece
+            async for batch in batches:
+                yield batch
 
         await splice.send_chunked(body(), dst, lambda: self._client_gone)
         return True

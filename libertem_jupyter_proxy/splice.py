@@ -17,12 +17,15 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 AVAILABLE = hasattr(os, "splice")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1024 * 1024  # the default limit for unprivileged pipes (/proc/sys/fs/pipe-max-size)
+_IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV; POSIX guarantees at least 16)
+with contextlib.suppress(ValueError, OSError):
+    _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 class BackendClosed(ConnectionResetError):
@@ -138,27 +141,32 @@ async def relay(
 
 
 async def send_chunked(
-    pieces: AsyncIterator[bytes | memoryview],
+    batches: AsyncIterator[Sequence[bytes | memoryview]],
     dst_fd: int,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Send ``pieces`` to socket ``dst_fd`` in HTTP/1.1 chunked framing (RFC 9112 7.1), ending
-    with the last chunk; each piece goes out as size line + data + CRLF in one ``writev``.
+    """Send the pieces of ``batches`` to socket ``dst_fd`` in HTTP/1.1 chunked framing (RFC
+    9112 7.1), ending with the last chunk; each list of pieces goes out as size line + data +
+    CRLF per piece in one gathered ``writev``.
 
     Why: tornado frames a chunk by concatenating it with its size line (a copy of every body
     byte) and sends through its write buffer; a gathered write sends the backend's bytes as
-    they are. An empty piece is skipped (it would end the body). Each piece is sent before
-    the next is asked for (so a piece may be a view into a reused buffer). Raises
+    they are. An empty piece is skipped (it would end the body). Each list is sent before
+    the next is asked for (so its pieces may be views into a reused buffer). Raises
     :class:`BrowserGone`; waiting for the browser has no time limit (see :func:`relay`), the
-    backend's is ``pieces``' own; whatever ``pieces`` raises (the backend broke off)
+    backend's is ``batches``' own; whatever ``batches`` raises (the backend broke off)
     propagates, and then the last chunk is never sent, so the browser sees a cut body.
     """
     loop = asyncio.get_running_loop()
     dst = os.dup(dst_fd)
     try:
-        async for piece in pieces:
-            if piece:
-                await _send_all(loop, dst, [b"%x\r\n" % len(piece), piece, b"\r\n"])
+        async for batch in batches:
+            iov: list[bytes | memoryview] = []
+            for piece in batch:
+                if len(piece):
+                    iov += [b"%x\r\n" % len(piece), piece, b"\r\n"]
+            if iov:
+                await _send_all(loop, dst, iov)
             if cancelled():
                 raise BrowserGone("the browser went away")
         await _send_all(loop, dst, [b"0\r\n\r\n"])
@@ -172,7 +180,7 @@ async def _send_all(
     views = [memoryview(b) for b in buffers]
     while views:
         try:
-            n = os.writev(fd, views)
+            n = os.writev(fd, views[:_IOV_MAX])
         except BlockingIOError:
             await _ready(loop, None, fd, 0)  # the browser may pause reading (see relay)
             continue

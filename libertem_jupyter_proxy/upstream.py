@@ -180,8 +180,9 @@ class Answer:
         receive buffer, valid only until the next one is asked for. Raises UpstreamError if
         the backend closes before the end its framing announced."""
         if self._chunked:
-            async for piece in self._chunks():
-                yield piece
+            async for batch in self.batches():
+                for piece in batch:
+                    yield piece
             return
         conn = self._live()
         while self._remaining is None or self._remaining > 0:
@@ -200,40 +201,69 @@ class Answer:
                 yield piece
         self.complete = True
 
-    async def _line(self, conn: _Conn, what: str) -> bytes:
-        """The next CRLF-terminated line of chunked framing, without its CRLF."""
-        while (at := conn.find(b"\r\n")) < 0:
-            if conn.end - conn.start > 4096:
-                raise UpstreamError(f"LiberTEM sent an over-long {what} line")
-            if not await conn.fill(self._timeout):
-                raise UpstreamError("LiberTEM closed the connection inside a chunked body")
-        line = bytes(conn.buf[conn.start : at])
-        conn.start = at + 2
-        return line
+    async def batches(self) -> AsyncIterator[list[memoryview]]:
+        """The body as lists of pieces: all that has arrived, without waiting for more.
 
-    async def _chunks(self) -> AsyncIterator[memoryview]:
+        A chunked body (RFC 9112 7.1) is decoded in place: the pieces are the chunks' data,
+        views into the receive buffer, valid until the next list is asked for. Many small
+        chunks in one receive become one list (one ``writev`` for the sender), not one
+        coroutine step each. Raises UpstreamError for framing errors and a cut body."""
+        if not self._chunked:
+            async for piece in self.pieces():
+                yield [piece]
+            return
         conn = self._live()
+        state, size = "size", 0  # size: data bytes of the current chunk still to come
+        while state != "done":
+            views: list[memoryview] = []
+            with memoryview(conn.buf) as buf:
+                try:
+                    state, size = self._decode(conn, buf, state, size, views)
+                    if views:
+                        yield views
+                finally:
+                    for v in views:
+                        v.release()
+            if state != "done" and not await conn.fill(self._timeout):
+                raise UpstreamError("LiberTEM closed the connection inside a chunked body")
+        self.complete = True
+
+    @staticmethod
+    def _decode(
+        conn: _Conn, buf: memoryview, state: str, size: int, views: list[memoryview]
+    ) -> tuple[str, int]:
+        """Decode the chunked framing in ``conn``'s unread bytes, appending data views to
+        ``views``; returns the state to go on from when more has arrived."""
         while True:
-            line = await self._line(conn, "chunk size")
-            match = _CHUNK_SIZE.fullmatch(line)
-            if match is None:
-                raise UpstreamError(f"LiberTEM sent an invalid chunk size line {line[:40]!r}")
-            size = int(match.group(1), 16)
-            if size == 0:
-                while await self._line(conn, "trailer"):
-                    pass  # trailer fields are not relayed (as before, with aiohttp)
-                self.complete = True
-                return
-            while size:
-                if conn.start == conn.end and not await conn.fill(self._timeout):
-                    raise UpstreamError("LiberTEM closed the connection inside a chunked body")
+            if state == "data":
+                if conn.start == conn.end:
+                    return state, size
                 end = min(conn.end, conn.start + size)
+                views.append(buf[conn.start : end])
                 size -= end - conn.start
-                with memoryview(conn.buf) as view, view[conn.start : end] as piece:
-                    conn.start = end
-                    yield piece
-            if await self._line(conn, "chunk end") != b"":
-                raise UpstreamError("LiberTEM sent a chunk longer than its size line said")
+                conn.start = end
+                if size == 0:
+                    state = "crlf"
+                continue
+            at = conn.find(b"\r\n")
+            if at < 0:
+                if conn.end - conn.start > 4096:
+                    raise UpstreamError("LiberTEM sent an over-long line in a chunked body")
+                return state, size
+            line = bytes(buf[conn.start : at])
+            conn.start = at + 2
+            if state == "crlf":
+                if line:
+                    raise UpstreamError("LiberTEM sent a chunk longer than its size line said")
+                state = "size"
+            elif state == "size":
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
+                    raise UpstreamError(f"LiberTEM sent an invalid chunk size line {line[:40]!r}")
+                size = int(match.group(1), 16)
+                state = "data" if size else "trailer"
+            elif not line:  # the empty line after the trailer fields (not relayed)
+                return "done", 0
 
     async def read(self) -> bytes:
         """The whole body (the caller knows it is small)."""

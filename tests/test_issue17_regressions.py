@@ -199,3 +199,16 @@ def test_emits_follows_the_handlers_not_only_the_logger() -> None:
         assert not _emits(logger, logging.DEBUG)
     finally:
         logger.removeHandler(handler)
+
+
+async def test_many_tiny_chunks_in_one_receive(rig: Rig) -> None:
+    """Thousands of 1-byte chunks arriving at once become one list of pieces, framed in one
+    gathered write: more buffers than one ``writev`` takes (IOV_MAX) must still all go out."""
+    body = bytes(range(256)) * 20
+    framed = b"".join(b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body)))
+    head = scripts.response_head(
+        "200 OK", [("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")]
+    )
+    steps = [["read_body"], scripts.send(head + framed + b"0\r\n\r\n")]
+    resp, _ = await rig.proxied("GET", "tiny", [scripts.header(steps, scripts.new_id())])
+    assert resp.status == 200 and resp.body == body

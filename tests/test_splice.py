@@ -49,7 +49,7 @@ async def test_relay_moves_exactly_count_bytes() -> None:
     body = pattern_bytes(0, 5 * MiB + 3)
     sender = asyncio.ensure_future(loop.sock_sendall(up_w, body + b"NEXT"))
     received = asyncio.ensure_future(_read_exactly(down_r, len(body)))
-    await splice.relay(up_r.fileno(), down_w.fileno(), len(body))
+    await splice.relay(up_r.fileno(), down_w.fileno(), len(body), idle_timeout=10)
     await sender
     assert hashlib.sha256(await received).digest() == hashlib.sha256(body).digest()
     assert await loop.sock_recv(up_r, 16) == b"NEXT"
@@ -63,7 +63,7 @@ async def test_relay_reports_backend_closing_early() -> None:
     up_w.sendall(b"x" * 1000)
     up_w.close()
     with pytest.raises(splice.BackendClosed, match="closed the connection"):
-        await splice.relay(up_r.fileno(), down_w.fileno(), 5000)
+        await splice.relay(up_r.fileno(), down_w.fileno(), 5000, idle_timeout=10)
     for s in (up_r, down_w, down_r):
         s.close()
 
@@ -75,7 +75,7 @@ async def test_relay_reports_browser_gone() -> None:
     down_r.close()  # with linger 0: a reset, like a browser tab that was closed
     sender = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(up_w, b"y" * (8 * MiB)))
     with pytest.raises(splice.BrowserGone):
-        await splice.relay(up_r.fileno(), down_w.fileno(), 8 * MiB)
+        await splice.relay(up_r.fileno(), down_w.fileno(), 8 * MiB, idle_timeout=10)
     up_w.close()
     sender.cancel()
     for s in (up_r, down_w):
@@ -163,8 +163,9 @@ async def test_not_modified_with_content_length_is_not_awaited(client) -> None:
 
 
 async def _pieces(items: list[bytes], fail: Exception | None = None):
-    for item in items:
-        yield item
+    """``items`` as ``send_chunked`` takes them: lists of pieces (here two at a time)."""
+    for i in range(0, len(items), 2):
+        yield items[i : i + 2]
     if fail is not None:
         raise fail
 
