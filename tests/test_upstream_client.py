@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +230,18 @@ async def _backend(*answers: tuple[list[bytes], bool]) -> tuple[RawBackend, int]
     return backend, port
 
 
+@contextlib.asynccontextmanager
+async def _serving(*answers: tuple[list[bytes], bool]) -> AsyncIterator[tuple[RawBackend, Any]]:
+    """A raw backend with these answers and a pool of sockets to it; both closed after."""
+    backend, port = await _backend(*answers)
+    pool = upstream.Pool(port)
+    try:
+        yield backend, pool
+    finally:
+        pool.close()
+        await backend.stop()
+
+
 async def test_socket_is_reused_after_a_whole_body() -> None:
     ok = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
     chunked = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"]
@@ -327,26 +339,16 @@ async def test_cut_or_bad_body_is_an_error_never_a_short_body(raw: bytes) -> Non
     ],
 )
 async def test_malformed_answer_is_named(raw: bytes) -> None:
-    backend, port = await _backend(([raw] if raw else [], True))
-    pool = upstream.Pool(port)
-    try:
+    async with _serving(([raw] if raw else [], True)) as (_, pool):
         with pytest.raises(upstream.UpstreamError, match="LiberTEM"):
             await upstream.request(pool, "GET", "/", [], 5, 5)
-    finally:
-        pool.close()
-        await backend.stop()
 
 
 async def test_silent_backend_times_out() -> None:
-    backend, port = await _backend(([b"HTTP/1.1 200 OK\r\n"], False))
-    backend.answers.append(([], False))  # keeps the connection open, sends nothing more
-    pool = upstream.Pool(port)
-    try:
+    # the second (empty) answer keeps the connection open: nothing more is sent
+    async with _serving(([b"HTTP/1.1 200 OK\r\n"], False), ([], False)) as (_, pool):
         with pytest.raises((asyncio.TimeoutError, TimeoutError)):
             await upstream.request(pool, "GET", "/", [], 5, 0.2)
-    finally:
-        pool.close()
-        await backend.stop()
 
 
 async def test_request_head_is_what_aiohttp_would_send() -> None:
