@@ -529,7 +529,12 @@ class HttpProxyHandler(ProxyHandlerBase):
                 await self._stream_body(resp, gzip)
             self.finish()
         except (StreamClosedError, splice.BrowserGone):
-            return  # the browser went away; leaving the context closes the upstream connection
+            # the browser went away; leaving the context closes the upstream connection. A
+            # write on our own fd may see that before tornado does: close its stream, so that
+            # the automatic finish() does not count the unsent bytes as an error
+            with contextlib.suppress(Exception):
+                self.request.connection.stream.close()  # type: ignore[attr-defined]
+            return
         except (
             aiohttp.ClientPayloadError,
             aiohttp.ClientConnectionError,

@@ -40,7 +40,7 @@ IDLE_KEPT = 8  # pooled sockets kept per backend run
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 # field-name = token (RFC 9110 5.1, 5.6.2); value: no CR, LF or NUL (RFC 9110 5.5)
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
+_CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")  # leading zeros: any
 
 
 class UpstreamError(ConnectionError):
@@ -165,10 +165,13 @@ class Answer:
         if method == "HEAD" or self.status in (204, 304) or self.status < 200:
             length = 0
         elif codings:
-            # RFC 9112 6.3 (3, 4): the last coding decides; with a Content-Length too, the
-            # connection must not be reused
+            if "Content-Length" in fields:
+                # RFC 9112 6.3 (3): "ought to be handled as an error"; relaying it would pass
+                # on a length that does not describe the body (aiohttp refuses it too)
+                raise UpstreamError("LiberTEM sent both Transfer-Encoding and Content-Length")
+            # RFC 9112 6.3 (4): the last coding decides
             self._chunked = codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
-            if not self._chunked or "Content-Length" in fields:
+            if not self._chunked:
                 self._keep_alive = False
         elif "Content-Length" in fields:
             values = {v.strip() for v in ",".join(fields.getall("Content-Length")).split(",")}
@@ -420,6 +423,8 @@ async def _exchange(
             if end - conn.start > MAX_HEAD:
                 raise UpstreamError(f"LiberTEM's answer head is over {MAX_HEAD} bytes")
             parsed = _parse_head(bytes(conn.buf[conn.start : end]))
+            if parsed[1] < 100:  # RFC 9110 15: status codes are 100-599
+                raise UpstreamError(f"LiberTEM sent the status code {parsed[1]:03d}")
             conn.start = end + 4
             if not 100 <= parsed[1] < 200 or parsed[1] == 101:
                 break

@@ -212,3 +212,58 @@ async def test_many_tiny_chunks_in_one_receive(rig: Rig) -> None:
     steps = [["read_body"], scripts.send(head + framed + b"0\r\n\r\n")]
     resp, _ = await rig.proxied("GET", "tiny", [scripts.header(steps, scripts.new_id())])
     assert resp.status == 200 and resp.body == body
+
+
+# --- found by the red-team review of upstream.py (the proxy's own client) ---------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 5\r\n\r\n",
+    ],
+)
+async def test_answer_that_cannot_be_relayed_is_a_named_502(rig: Rig, head: bytes) -> None:
+    """Both length fields (RFC 9112 6.3: an error) or a status below 100 (RFC 9110 15): the
+    proxy's own client once relayed them, and tornado then broke the answer off with an
+    uncaught exception; now the browser gets the 502 that names it, as with aiohttp."""
+    body = b"5\r\nhello\r\n0\r\n\r\n" if b"chunked" in head else b"hello"
+    steps = [["read_body"], scripts.send(head + body)]
+    resp, _ = await rig.proxied("GET", "odd", [scripts.header(steps, scripts.new_id(), close=True)])
+    assert resp.status == 502
+    assert b"Transfer-Encoding and Content-Length" in resp.body or b"status code 099" in resp.body
+    await settled(rig.supervisor)
+
+
+async def test_aborted_spliced_downloads_log_no_uncaught_exception(rig: Rig) -> None:
+    """A browser that drops a Content-Length download moved by splice: the proxy saw the
+    broken socket before tornado did, and tornado's automatic finish() then logged
+    'Tried to write N bytes less than Content-Length' with a traceback."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.ERROR)
+    loggers = [logging.getLogger("tornado.application"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        await rig.backend()
+
+        async def aborted(i: int) -> None:
+            steps = _answer(50_000_000, "length", seed=i)
+            reader, writer = await asyncio.open_connection("127.0.0.1", rig.port, ssl=rig.tls)
+            writer.write(_get(f"big{i}", steps))
+            await reader.readexactly(200_000)
+            writer.transport.abort()
+
+        for _ in range(2):
+            await asyncio.gather(*(aborted(i) for i in range(20)))
+        await settled(rig.supervisor)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+    assert [r.getMessage() for r in records] == []

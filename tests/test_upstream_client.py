@@ -325,9 +325,21 @@ async def test_cut_or_bad_body_is_an_error_never_a_short_body(raw: bytes) -> Non
         await backend.stop()
 
 
+async def test_chunk_size_may_have_leading_zeros() -> None:
+    """RFC 9112 7.1 limits a chunk's size, not its digits: aiohttp takes many leading zeros."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    raw = head + b"00000000000000005\r\nhello\r\n0\r\n\r\n"
+    async with _serving(([raw], True)) as (_, pool):
+        answer = await upstream.request(pool, "GET", "/", [], 5, 5)
+        assert await answer.read() == b"hello"
+        answer.release()
+
+
 @pytest.mark.parametrize(
     "raw",
     [
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTX/1.1 200 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Fold: a\r\n  b\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
