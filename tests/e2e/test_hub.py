@@ -292,10 +292,19 @@ async def load_dataset_and_analyse(u: User, npy: Path) -> None:
 
     async def load() -> None:
         start = u.events.mark()
-        await gui.get_by_role("button", name="Browse").click()
+
+        def listing(r: Any) -> bool:
+            return "/libertem/api/browse/localfs/" in r.url and r.request.method == "GET"
+
+        # one listing at a time: the GUI shows whichever answer comes last, so typing a path
+        # while the first listing is still on its way can leave the home directory on screen
+        # (CI saw the two answers come back in the other order once)
+        async with gui.expect_response(listing):
+            await gui.get_by_role("button", name="Browse").click()
         path = gui.locator("input[name=path]")
         await path.fill(str(npy.parent))
-        await path.press("Enter")
+        async with gui.expect_response(listing):
+            await path.press("Enter")
         await gui.locator(f"div[title='{npy.name}']").click()
         await gui.get_by_role("heading", name=f"Open: {npy}").wait_for()
         await u.shot(gui, "dataset-form")
