@@ -16,10 +16,11 @@ from typing import Any
 import aiohttp
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
+from tornado.ioloop import IOLoop
 from tornado.routing import PathMatches, Rule
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 
-from . import config_check
+from . import config_check, signal_wakeup
 from ._version import __version__
 from .api import LogHandler, RestartHandler, StartHandler, StatusHandler, StopHandler
 from .base import PROXY_PATH, SETTINGS_KEY
@@ -298,6 +299,8 @@ class LiberTEMProxy(ExtensionApp):
         )
 
     def initialize_settings(self) -> None:
+        # the loop Jupyter will run (tornado's current one; created here if need be)
+        signal_wakeup.install(IOLoop.current().asyncio_loop)  # type: ignore[attr-defined]
         self.supervisor = Supervisor(self._supervisor_config(), log=self.log)
         self.supervisor.config_error = config_check.report(self)
         atexit.register(self.supervisor.kill_now)
