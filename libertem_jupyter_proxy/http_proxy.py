@@ -658,20 +658,23 @@ class HttpProxyHandler(ProxyHandlerBase):
         if source is None:
             return False
         src, head, rest = source
-        if head:
-            self.write(head)
-        await self.flush()
-        if rest > 0:
-            await splice.relay(
-                src,
-                conn.stream.socket.fileno(),
-                rest,
-                self.proxy_settings.read_timeout,
-                lambda: self._client_gone,
-            )
-            conn._expected_content_remaining = 0
+        await self._send_spliced(src, conn.stream.socket.fileno(), head, rest)
         resp.moved()
         return True
+
+    async def _send_spliced(self, src: int, dst: int, head: bytes, rest: int) -> None:
+        """Send ``head`` (the body's part already read) through tornado, then move ``rest``
+        bytes from socket ``src`` to the browser's socket ``dst`` with :func:`.splice.relay`."""
+        if head:
+            self.write(head)
+        await self.flush()  # the headers and the head of the body; tornado's buffer is empty
+        if rest > 0:
+            await splice.relay(
+                src, dst, rest, self.proxy_settings.read_timeout, lambda: self._client_gone
+            )
+            conn = self.request.connection
+            assert isinstance(conn, HTTP1Connection)
+            conn._expected_content_remaining = 0  # the spliced bytes, which tornado did not see
 
     async def _splice_body(self, resp: Answer) -> bool:
         """Send the body with ``splice(2)`` if possible; False if the caller must stream it.
@@ -693,14 +696,7 @@ class HttpProxyHandler(ProxyHandlerBase):
         head = resp.content.read_nowait(-1)
         resp.connection.protocol.pause_reading()  # type: ignore[union-attr]
         rest = length - resp.content.total_bytes
-        if head:
-            self.write(head)
-        await self.flush()  # the headers and the head of the body; tornado's buffer is empty
-        if rest > 0:
-            await splice.relay(
-                src, dst, rest, self.proxy_settings.read_timeout, lambda: self._client_gone
-            )
-            conn._expected_content_remaining = 0  # the spliced bytes, which tornado did not see
+        await self._send_spliced(src, dst, head, rest)
         return True
 
     def _gzip_for(self, resp: Answer) -> GzipStream | None:

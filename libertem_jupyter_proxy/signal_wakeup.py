@@ -16,6 +16,9 @@ import contextlib
 import signal
 import socket
 
+# the wake-up sockets; never closed (the signal machinery writes to one at any time)
+_KEPT: list[socket.socket] = []
+
 
 def install(loop: asyncio.AbstractEventLoop) -> bool:
     """Watch a wake-up socket on ``loop`` unless a wake-up fd is already set (asyncio sets
@@ -39,6 +42,5 @@ def install(loop: asyncio.AbstractEventLoop) -> bool:
 
     loop.add_reader(reader.fileno(), drain)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    # kept alive for the life of the process (the fds must stay open)
-    install.sockets = (reader, writer)  # type: ignore[attr-defined]
+    _KEPT.extend((reader, writer))  # open for the life of the process
     return True

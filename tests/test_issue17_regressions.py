@@ -5,8 +5,10 @@ over plain HTTP and Jupyter's own TLS (the rig's two transports)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +25,27 @@ rig = jupyter_rig.rig  # the fixtures
 tls_files = jupyter_rig.tls_files
 
 MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def _errors_logged() -> Iterator[list[logging.LogRecord]]:
+    """The error records logged meanwhile by tornado (its "Uncaught exception" lines) or
+    anything that reaches the root logger."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.ERROR)
+    loggers = [logging.getLogger("tornado.application"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
 
 
 def _answer(size: int, framing: str, seed: int = 7, piece: int = 65536) -> list[Any]:
@@ -93,17 +116,7 @@ async def test_upload_cut_after_its_head_logs_no_uncaught_exception(rig: Rig) ->
     """A tab closed right after sending the head and a little of a Content-Length body: the
     proxy's body reader once ran tornado's own ``on_connection_close`` before tornado had
     finished the request, and every such upload logged an InvalidStateError traceback."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    keep = Keep(logging.ERROR)
-    loggers = [logging.getLogger("tornado.application"), logging.getLogger()]
-    for logger in loggers:
-        logger.addHandler(keep)
-    try:
+    with _errors_logged() as records:
         await rig.backend()
         for _ in range(10):
             name, value = scripts.header([["read_body"]], scripts.new_id())
@@ -116,9 +129,6 @@ async def test_upload_cut_after_its_head_logs_no_uncaught_exception(rig: Rig) ->
             await writer.drain()
             writer.transport.abort()
         await settled(rig.supervisor)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(keep)
     errors = [r.getMessage() for r in records if r.exc_info or "Uncaught" in r.getMessage()]
     assert errors == []
 
@@ -240,17 +250,7 @@ async def test_aborted_spliced_downloads_log_no_uncaught_exception(rig: Rig) -> 
     """A browser that drops a Content-Length download moved by splice: the proxy saw the
     broken socket before tornado did, and tornado's automatic finish() then logged
     'Tried to write N bytes less than Content-Length' with a traceback."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    keep = Keep(logging.ERROR)
-    loggers = [logging.getLogger("tornado.application"), logging.getLogger()]
-    for logger in loggers:
-        logger.addHandler(keep)
-    try:
+    with _errors_logged() as records:
         await rig.backend()
 
         async def aborted(i: int) -> None:
@@ -263,7 +263,4 @@ async def test_aborted_spliced_downloads_log_no_uncaught_exception(rig: Rig) -> 
         for _ in range(2):
             await asyncio.gather(*(aborted(i) for i in range(20)))
         await settled(rig.supervisor)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(keep)
     assert [r.getMessage() for r in records] == []
