@@ -146,8 +146,10 @@ class HttpProxyHandler(ProxyHandlerBase):
         self._early_answer = False
         # the upstream request failed while the browser's body was still arriving
         self._failed_mid_upload = False
-        # the task reading a Content-Length body itself (see _take_over_body)
+        # the task reading a Content-Length body itself, and the request it feeds
+        # (see _take_over_body)
         self._body_reader: asyncio.Future[None] | None = None
+        self._upload: upstream.Upload | None = None
 
     def compute_etag(self) -> str | None:
         return None  # the backend's ETag (if any) passes through unchanged
@@ -182,15 +184,27 @@ class HttpProxyHandler(ProxyHandlerBase):
         except BackendError as e:
             self.send_backend_error(e)
             return
-        if self._has_body():
-            self._pipe = BodyPipe()
-            self._take_over_body(length or 0)
-        if self._pipe is None and self.request.method in FAST_METHODS:
+        if self._has_body() and self._take_over_body(self._run, length or 0):
+            pass  # an Upload: _upstream is its exchange
+        elif self._has_body():
+            self._pipe = BodyPipe()  # a chunked body, through tornado and aiohttp
+            self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
+        elif self.request.method in FAST_METHODS:
             self._upstream = asyncio.ensure_future(self._send_fast(self._run))
         else:
-            self._upstream = asyncio.ensure_future(self._send(self._run, self._pipe))
+            self._upstream = asyncio.ensure_future(self._send(self._run, None))
         # if the browser goes away mid-body nobody awaits this; don't warn about its error
         self._upstream.add_done_callback(_mark_retrieved)
+        if self._upload is not None:
+            upload = self._upload
+
+            def upload_done(f: asyncio.Future[Answer]) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    self._failed_mid_upload = upload.head_sent and not self._body_complete
+                elif not self._body_complete and upload.stopped:
+                    self._early_answer = True  # the body reader discards the rest
+
+            self._upstream.add_done_callback(upload_done)
         if self._pipe is not None:
             pipe = self._pipe
             expected = -1 if length is None else length
@@ -226,21 +240,21 @@ class HttpProxyHandler(ProxyHandlerBase):
             headers["Content-Length"] = single
         return length
 
-    def _take_over_body(self, length: int) -> bool:
-        """Read a ``Content-Length`` body here instead of through tornado; False if we cannot.
+    def _take_over_body(self, run: BackendRun, length: int) -> bool:
+        """Send a ``Content-Length`` body as an :class:`.upstream.Upload`, read here instead of
+        through tornado; False if we cannot (the caller then uses tornado, a pipe and aiohttp).
 
         Why: tornado hands a streamed body over in pieces of at most 64 KiB, each copied three
-        times on the way (a fresh receive buffer, its read buffer, the piece); with the pipe
-        and aiohttp behind it, that was most of Jupyter's CPU for an upload, which ran at half
-        the direct speed (issue 17). Reading into one reused buffer with ``read_into`` costs the
-        receive and one copy out of the buffer per piece of up to 1 MiB.
+        times on the way (a fresh receive buffer, its read buffer, the piece); with a pipe and
+        aiohttp behind it, that was most of Jupyter's CPU for an upload, which ran at half the
+        direct speed (issue 17). Here each piece of up to 1 MiB is received into one reused
+        buffer with ``read_into`` and sent to libertem-server from that buffer.
 
         How: tornado decides whether a body follows from the ``Content-Length`` of the headers
         object it parsed, right after ``prepare``. That object loses the header (so tornado
         reads no body and runs the method at once); the handler keeps a full copy as
         ``self.request.headers``. The method then waits for :meth:`_read_body`. A chunked body
-        (``Transfer-Encoding``) stays with tornado. Each piece is read into the buffer and
-        copied out of it once (the pipe and aiohttp may hold it).
+        (``Transfer-Encoding``) stays with tornado.
         """
         conn = self.request.connection
         headers = self.request.headers
@@ -248,22 +262,34 @@ class HttpProxyHandler(ProxyHandlerBase):
             return False
         if conn._request_headers is not headers:  # not the object tornado reads the body from
             return False
+        if run.pool is None:
+            return False
         self.request.headers = httputil.HTTPHeaders(headers)
         del headers["Content-Length"]
-        self._body_reader = asyncio.ensure_future(self._read_body(conn.stream, length))
+        settings = self.proxy_settings
+        upload = self._upload = upstream.Upload(
+            run.pool, self.request.method or "POST", length, settings.read_timeout or None
+        )
+        target, upstream_headers = self._upstream_request(run)
+        self._upstream = asyncio.ensure_future(
+            upload.exchange(target, upstream_headers, settings.connect_timeout or None)
+        )
+        self._body_reader = asyncio.ensure_future(self._read_body(conn.stream, length, upload))
         self._body_reader.add_done_callback(_mark_retrieved)
         return True
 
-    async def _read_body(self, stream: IOStream, length: int) -> None:
-        """Move ``length`` body bytes from the browser's stream into the pipe, in order."""
-        assert self._pipe is not None
+    async def _read_body(self, stream: IOStream, length: int, upload: upstream.Upload) -> None:
+        """Move ``length`` body bytes from the browser's stream to the upload, in order; once
+        the upload stopped (an early answer, a failure) the rest is read and discarded."""
         buf = memoryview(bytearray(min(length, BODY_PIECE)))
         remaining = length
+        sending = True
         try:
             while remaining:
                 n = await stream.read_into(buf[: min(remaining, len(buf))], partial=True)
                 remaining -= n
-                await self._pipe.write(bytes(buf[:n]))
+                if sending:
+                    sending = await upload.write(buf[:n])
         except StreamClosedError:
             # tornado may not have said so yet; only our part of on_connection_close: tornado's
             # own would fail the request's body future, which tornado resolves itself next
@@ -358,20 +384,23 @@ class HttpProxyHandler(ProxyHandlerBase):
             timeout=self.proxy_settings.client_timeout,
         )
 
+    def _upstream_request(self, run: BackendRun) -> tuple[str, list[tuple[str, str]]]:
+        """The request target (path and query) and headers for :mod:`.upstream`."""
+        query = strip_token_query(self.request.query)
+        path = self.upstream_path()
+        drop = adaptations.request_drop(self.request.method, path, self.proxy_settings.cpus)
+        return f"{path}?{query}" if query else path, self.build_upstream_headers(run, drop=drop)
+
     async def _send_fast(self, run: BackendRun) -> upstream.Answer:
         """A body-less GET, HEAD or OPTIONS through :mod:`.upstream` (cheaper than aiohttp)."""
         assert run.pool is not None
-        query = strip_token_query(self.request.query)
-        path = self.upstream_path()
         settings = self.proxy_settings
+        target, headers = self._upstream_request(run)
         return await upstream.request(
             run.pool,
             self.request.method or "GET",
-            f"{path}?{query}" if query else path,
-            self.build_upstream_headers(
-                run,
-                drop=adaptations.request_drop(self.request.method, path, settings.cpus),
-            ),
+            target,
+            headers,
             settings.connect_timeout or None,
             settings.read_timeout or None,
         )
@@ -392,7 +421,11 @@ class HttpProxyHandler(ProxyHandlerBase):
         if self._pipe is not None:
             self._pipe.abort(ClientGone())
         elif self._upstream is not None and not self._upstream.done():
-            self._upstream.cancel()
+            self._upstream.cancel()  # an Upload's exchange closes its socket
+        elif self._upload is not None and not self._body_complete and self._upstream is not None:
+            # an early answer, not relayed yet (the rest of the body was being discarded)
+            if not self._upstream.cancelled() and self._upstream.exception() is None:
+                self._upstream.result().close()
 
     async def _proxy(self) -> None:
         if self._body_reader is not None:

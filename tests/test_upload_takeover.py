@@ -40,9 +40,9 @@ async def test_body_taken_over_then_pipelined_requests_on_one_connection(client,
     read_by_proxy: list[int] = []
     original = http_proxy.HttpProxyHandler._read_body
 
-    async def counting(self: Any, stream: Any, length: int) -> None:
+    async def counting(self: Any, stream: Any, length: int, upload: Any) -> None:
         read_by_proxy.append(length)
-        await original(self, stream, length)
+        await original(self, stream, length, upload)
 
     monkeypatch.setattr(http_proxy.HttpProxyHandler, "_read_body", counting)
     cookie = await client.login()
