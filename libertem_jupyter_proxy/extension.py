@@ -169,7 +169,9 @@ class LiberTEMProxy(ExtensionApp):
         min=0.0,
         help="""Seconds libertem-server may stay completely silent while answering one HTTP
         request before that request fails (an idle timeout: a long download that keeps sending
-        data is never cut). 0 disables it. There is no total request timeout.""",
+        data is never cut). While an upload is sent it is the longest time libertem-server may
+        take none of the body (like nginx's proxy_send_timeout). 0 disables it. There is no
+        total request timeout.""",
     ).tag(config=True)
 
     activity_exclude = List(

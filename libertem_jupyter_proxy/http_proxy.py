@@ -5,10 +5,12 @@ else passes unchanged. The life of one request, in order:
 
 1. ``prepare``: Jupyter's auth and the cross-site rule; a body over ``max_body_size`` is
    refused (413) before it is read; the backend is made ready; the upstream request starts at
-   once, its body fed from a :class:`.BodyPipe` as the browser's body arrives.
-2. The body goes into the pipe as it arrives (backpressure both ways): a ``Content-Length``
-   body is read by the handler itself (``_take_over_body``, pieces of up to 1 MiB),
-   a chunked one comes through tornado's ``data_received``.
+   once: through :mod:`.upstream` (no body, or a ``Content-Length`` body: an
+   :class:`.upstream.Upload`), or through aiohttp fed from a :class:`.BodyPipe` (a chunked body,
+   a body-less POST/PUT/PATCH/DELETE).
+2. The body goes upstream as it arrives (backpressure both ways): a ``Content-Length`` body is
+   read by the handler itself (``_take_over_body``, pieces of up to 1 MiB) and sent from that
+   buffer; a chunked one comes through tornado's ``data_received`` into the pipe.
 3. The method (``get``, ``post``...): the body is complete; await the backend's status and
    headers, then ``_relay`` them (headers through :func:`.headers.response_headers`, the body
    small, streamed, spliced or gzipped).

@@ -89,20 +89,23 @@ class _Conn:
     def find(self, sep: bytes) -> int:
         return self.buf.find(sep, self.start, self.end)
 
-    def poll(self) -> bool:
-        """Receive what has arrived, without waiting; True if anything did, or the backend
-        closed or reset the connection (the next :meth:`fill` then says which)."""
-        if len(self.buf) - self.end < len(self.buf) // 4:
-            return True  # unread answer bytes fill the buffer: the backend has answered
+    def poll(self) -> bool | None:
+        """Receive what has arrived, without waiting: True if bytes did, False if none, None
+        if the backend closed or reset the connection (the next :meth:`fill` says which) or
+        the buffer is full."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        if len(self.buf) == self.end:
+            return None
         try:
             with memoryview(self.buf) as view, view[self.end :] as free:
                 n = self.sock.recv_into(free)
         except BlockingIOError:
             return False
         except OSError:
-            return True
+            return None
         self.end += n
-        return True
+        return True if n else None
 
 
 class Pool:
@@ -218,7 +221,7 @@ class Answer:
             return
         conn = self._live()
         while self._remaining is None or self._remaining > 0:
-            if conn.start == conn.end and not await conn.fill(self._timeout, self._buffer):
+            if conn.start == conn.end and not await self._fill(conn):
                 if self._remaining is None:
                     break  # read-until-close: this is the end
                 raise UpstreamError(
@@ -232,6 +235,18 @@ class Answer:
                 conn.start = end
                 yield piece
         self.complete = True
+
+    async def _fill(self, conn: _Conn) -> int:
+        """:meth:`_Conn.fill` for the body; a reset ends a body that ends with the connection
+        (RFC 9112 6.3, 8: its end is the close, however it comes), as aiohttp reads it: tornado
+        answers a refused upload that way (a 400 without length, then a close with the body
+        unread, which the kernel turns into a reset)."""
+        try:
+            return await conn.fill(self._timeout, self._buffer)
+        except ConnectionResetError:
+            if self._remaining is not None or self._chunked:
+                raise
+            return 0
 
     async def batches(self) -> AsyncIterator[list[memoryview]]:
         """The body as lists of pieces: all that has arrived, without waiting for more.
@@ -339,7 +354,8 @@ class Answer:
 
 
 async def _readable(fd: int, timeout: float | None) -> None:
-    """Wait until ``fd`` can be read; TimeoutError after ``timeout`` seconds (None: no limit).
+    """Wait until ``fd`` can be read; asyncio.TimeoutError after ``timeout`` seconds (None: no
+    limit).
 
     A plain future on the selector, not ``asyncio.wait_for`` around ``sock_recv_into``, which
     creates a task for every wait: this is on the path of every proxied request."""
@@ -435,7 +451,11 @@ async def _send_head(conn: _Conn, head: bytes) -> None:
 
 
 async def _read_answer(
-    pool: Pool, conn: _Conn, method: str, read_timeout: float | None, reused: bool
+    pool: Pool,
+    conn: _Conn,
+    method: str,
+    read_timeout: float | None,
+    reused: bool,
 ) -> Answer:
     """Read up to the final answer's head (interim 1xx answers skipped); the caller closes the
     socket if this raises. ``reused``: a failure before any byte raises :class:`_Retry`."""
@@ -479,12 +499,19 @@ class Upload:
     Two parties: :meth:`exchange` (connect, send the head, then read the answer) and the body's
     reader, which calls :meth:`write` for each piece; either may run ahead of the other.
 
-    An early answer (RFC 9110 15.5.14: a server may refuse a body it will not read, and close):
-    before each piece, and while waiting for the socket to take more, the socket is checked for
-    answer bytes; once any arrive, or the connection fails, nothing more is sent (``stopped``),
-    :meth:`write` returns False (the caller discards the rest) and :meth:`exchange` reads what
-    the backend said. A backend that neither takes the body nor answers for ``read_timeout``
-    seconds fails the request with ``asyncio.TimeoutError``.
+    An early answer: before each piece, and while waiting for the socket to take more, the
+    socket is checked for the backend's answer (RFC 9112 9.3: a client "SHOULD monitor the
+    network connection for an error response" while it sends). Sending stops (``stopped``;
+    :meth:`write` returns False, the caller discards the rest, :meth:`exchange` reads what the
+    backend said) when the answer is an error status (>= 400, e.g. a 413 for a body it will not
+    read) or the connection ends or fails. An interim answer (1xx, RFC 9110 15.2) is skipped and
+    a final 2xx/3xx answer lets the body go on: the backend may still read it.
+
+    ``read_timeout`` applies between two times the socket takes more of the body (as nginx's
+    ``proxy_send_timeout``) and then to the answer: a backend that neither takes more nor
+    answers for that long fails the request with ``asyncio.TimeoutError``. The socket takes
+    more only once a good part of its buffer (megabytes on loopback) is free again, so a backend
+    that reads less than that within ``read_timeout`` is cut although it reads.
 
     A pooled socket is checked as for body-less requests, but a request with a body is never
     sent twice (it need not be idempotent, RFC 9110 9.2.2).
@@ -507,6 +534,7 @@ class Upload:
         self._sent: asyncio.Future[None] = loop.create_future()  # body sent, or stopped
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        self._answer_seen = False  # a final 2xx/3xx head arrived: keep sending, stop watching
 
     def _stop(self, error: BaseException | None = None) -> None:
         self.stopped = True
@@ -563,7 +591,7 @@ class Upload:
         conn = self._conn
         if self.stopped or conn is None:
             return False
-        if conn.poll():  # the backend answered (or went away) while the browser sent this
+        if self._refused(conn):  # the backend answered (or went away) while the browser sent
             self._stop()
             return False
         view = data
@@ -604,7 +632,9 @@ class Upload:
                 text = f"LiberTEM took none of the upload for {self._timeout:g} s"
                 fut.set_exception(asyncio.TimeoutError(text))
 
-        loop.add_reader(fd, answered)
+        watching = not self._answer_seen  # (once seen, the answer's bytes stay unread)
+        if watching:
+            loop.add_reader(fd, answered)
         loop.add_writer(fd, writable)
         timer = loop.call_later(self._timeout, expired) if self._timeout else None
         self._waiter = fut
@@ -616,16 +646,49 @@ class Upload:
         finally:
             self._waiter = None
             if not self._closed:  # close() unregistered the socket before closing it
-                loop.remove_reader(fd)
+                if watching:
+                    loop.remove_reader(fd)
                 loop.remove_writer(fd)
             if timer is not None:
                 timer.cancel()
         if self._closed:
             return False
-        if readable and conn.poll():
+        if readable and self._refused(conn):
             self._stop()
             return False
         return True
+
+    def _refused(self, conn: _Conn) -> bool:
+        """Whether sending must stop: receive what the backend sent so far (without waiting)
+        and look at it. Complete interim answers are consumed (:meth:`exchange` would skip
+        them anyway); True for an error status, a connection that ended or failed, or bytes
+        that are not an answer (:meth:`exchange` then says what is wrong with them)."""
+        if self._answer_seen:
+            return False
+        if conn.poll() is None:
+            return True
+        while conn.start < conn.end:
+            line_end = conn.find(b"\r\n")
+            if line_end < 0:  # the status line is not complete yet
+                return conn.end - conn.start > MAX_HEAD
+            match = _STATUS.fullmatch(bytes(conn.buf[conn.start : line_end]))
+            if match is None:
+                return True
+            status = int(match.group(2))
+            if status < 100 or status >= 400:
+                return True
+            if status >= 200 or status == 101:
+                self._answer_seen = True  # RFC 9112 9.3: only an error stops the body
+                return False
+            end = conn.find(b"\r\n\r\n")
+            if end < 0:
+                return conn.end - conn.start > MAX_HEAD
+            try:
+                _parse_head(bytes(conn.buf[conn.start : end]))
+            except UpstreamError:
+                return True
+            conn.start = end + 4  # an interim answer: the body goes on
+        return False
 
     def close(self) -> None:
         """Abandon the request (the browser went away, or it failed): the backend sees the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -80,3 +81,17 @@ async def settled(supervisor: Any, timeout: float = 20.0) -> None:
     while supervisor.requests_in_flight != 0:
         assert time.monotonic() < deadline, f"{supervisor.requests_in_flight} requests in flight"
         await asyncio.sleep(0.01)
+
+
+def run_on_private_loop(coro_fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Run ``coro_fn()`` on a new event loop (for hypothesis tests, which are synchronous).
+
+    Not ``asyncio.run``: it would unset the thread's current loop, which the next
+    pytest-tornasync test (tornado 6.2) still expects."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro_fn(), timeout))
+    finally:
+        loop.close()

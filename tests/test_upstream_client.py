@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from libertem_jupyter_proxy import upstream
+
+from .helpers import run_on_private_loop
 
 MAX_EXAMPLES = int(os.environ.get("LJP_UPSTREAM_EXAMPLES", "150"))
 
@@ -174,16 +176,6 @@ def _comparable(result: tuple[Any, ...]) -> tuple[Any, ...]:
     return (kind, status, reason, fields, body)
 
 
-def _run(coro_fn: Callable[[], Any]) -> Any:
-    """Run on a private loop: ``asyncio.run`` would unset the thread's current loop, which
-    the next pytest-tornasync test (tornado 6.2) still expects."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coro_fn(), 30))
-    finally:
-        loop.close()
-
-
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
@@ -216,7 +208,7 @@ def test_same_answer_as_aiohttp(scripted: Scripted) -> None:
             await backend.stop()
         return ours, theirs
 
-    ours, theirs = _run(both)
+    ours, theirs = run_on_private_loop(both)
     assert _comparable(ours) == _comparable(theirs), (scripted, ours, theirs)
 
 
@@ -404,5 +396,5 @@ def test_no_socket_left_behind() -> None:
         await backend.stop()
 
     before = len(os.listdir("/proc/self/fd"))
-    _run(many)
+    run_on_private_loop(many)
     assert len(os.listdir("/proc/self/fd")) <= before
