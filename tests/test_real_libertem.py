@@ -53,3 +53,22 @@ async def test_real_gui_shutdown_and_restart(client, supervisor):
     assert supervisor.run.pid != first_pid
     assert supervisor.run.port != first_port
     assert supervisor.starts == 2
+
+
+async def test_upload_over_libertems_body_limit_gets_its_400(client, supervisor):
+    """libertem-server (tornado's default ``max_body_size``, 100 MiB) refuses a larger body with
+    a bare "400 Bad Request" and closes with the body unread (a reset). The browser must see
+    that 400, not a 502 (it did with the first version of the proxy's own upload path)."""
+    await client.json("libertem/api/config/")  # LiberTEM is running
+    # the whole body at once: its first bytes go out with the head, so they are unread in
+    # LiberTEM's socket when it closes (the reset that lost the 400)
+    r = await client.fetch(
+        "libertem/api/config/connection/",
+        method="PUT",
+        body=b"L" * (100 * 1024 * 1024 + 1),
+        headers={"Content-Type": "application/json"},
+        request_timeout=120,
+    )
+    assert r.code == 400, (r.code, r.body[:300])
+    # LiberTEM is still there and answers the next request
+    assert (await client.json("libertem/api/config/"))["status"] == "ok"
