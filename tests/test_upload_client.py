@@ -140,15 +140,22 @@ def _pieces(length: int, sizes: list[int]) -> list[int]:
 
 
 async def _upload(
-    pool: Any, body: bytes, sizes: list[int], read_timeout: float = 10
+    pool: Any, body: bytes, sizes: list[int], reading: asyncio.Event | None = None
 ) -> tuple[Any, asyncio.Future[Any], list[bool]]:
     """Start an Upload of ``body`` and write it as a browser's pieces arrive: one buffer,
-    overwritten with 0xFF as soon as each write returns. Returns (upload, exchange, results)."""
-    upload = upstream.Upload(pool, "PUT", len(body), read_timeout)
+    overwritten with 0xFF as soon as each write returns. ``reading`` (the backend's gate) is
+    set once the writer first waits for the socket, or has written everything: so that large
+    bodies exercise the wait. Returns (upload, exchange, results)."""
+    upload = upstream.Upload(pool, "PUT", len(body), 10)
     exchange = asyncio.ensure_future(
         upload.exchange("/up", [("Content-Length", str(len(body)))], 5)
     )
     exchange.add_done_callback(lambda f: f.cancelled() or f.exception())
+    opener = None
+    if reading is not None:
+        waits = _noting_waits(upload)
+        opener = asyncio.ensure_future(waits.wait())
+        opener.add_done_callback(lambda _: reading.set())
     buf = memoryview(bytearray(max(sizes)))
     results, offset = [], 0
     for size in _pieces(len(body), sizes):
@@ -156,6 +163,10 @@ async def _upload(
         results.append(await upload.write(buf[:size]))
         buf[:size] = b"\xff" * size
         offset += size
+    if reading is not None:
+        reading.set()
+        assert opener is not None
+        opener.cancel()
     return upload, exchange, results
 
 
@@ -172,7 +183,10 @@ class Case:
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
-    length = draw(st.integers(1, 3 * MiB))
+    # a third of the bodies are over 10 MiB, more than the kernel's buffers on loopback hold
+    # (so the writer must wait); hypothesis would otherwise draw mostly small numbers
+    low, high = draw(st.sampled_from([(1, 64 * KiB), (64 * KiB, 2 * MiB), (10 * MiB, 12 * MiB)]))
+    length = draw(st.integers(low, high))
     # pieces and reads of at least 1 KiB: a 3 MiB body in 1-byte steps only takes long
     sizes = draw(st.lists(st.integers(KiB, MiB), min_size=1, max_size=4))
     reads = draw(st.lists(st.integers(KiB, 256 * KiB), min_size=1, max_size=4))
@@ -189,8 +203,8 @@ def test_body_arrives_whole_or_the_early_answer_stops_it(case: Case) -> None:
     body = case.body()
 
     async def run() -> None:
-        async with serving(case.script, Script([64 * KiB])) as (backend, pool):
-            upload, exchange, results = await _upload(pool, body, case.sizes)
+        async with serving(case.script, Script([64 * KiB]), reading=False) as (backend, pool):
+            upload, exchange, results = await _upload(pool, body, case.sizes, backend.reading)
             # once write said False it says so for every later piece (the rest is discarded)
             assert results == sorted(results, reverse=True), results
             early = case.script.early_at
@@ -226,22 +240,32 @@ def test_body_arrives_whole_or_the_early_answer_stops_it(case: Case) -> None:
     run_on_private_loop(run, timeout=120)
 
 
+def _started(pool: Any, length: int, read_timeout: float) -> tuple[Any, asyncio.Future[Any]]:
+    """A POST Upload of ``length`` bytes and its exchange, running."""
+    upload = upstream.Upload(pool, "POST", length, read_timeout)
+    exchange = asyncio.ensure_future(upload.exchange("/", [("Content-Length", str(length))], 5))
+    return upload, exchange
+
+
+def _noting_waits(upload: Any) -> asyncio.Event:
+    """An event set when ``upload`` first waits for its socket to take more."""
+    event = asyncio.Event()
+    wait = upload._wait_writable
+
+    async def noted(conn: Any) -> bool:
+        event.set()
+        return await wait(conn)
+
+    upload._wait_writable = noted
+    return event
+
+
 async def test_full_buffers_make_the_writer_wait_and_nothing_is_lost() -> None:
     """The backend starts reading only after the writer had to wait for the socket."""
     body = random.Random(7).randbytes(8 * MiB)
     async with serving(Script([32 * KiB]), reading=False) as (backend, pool):
-        upload = upstream.Upload(pool, "POST", len(body), 10)
-        waited = asyncio.Event()
-        wait = upload._wait_writable
-
-        async def noted(conn: Any) -> bool:
-            waited.set()
-            return await wait(conn)
-
-        upload._wait_writable = noted  # type: ignore[method-assign]
-        exchange = asyncio.ensure_future(
-            upload.exchange("/", [("Content-Length", str(len(body)))], 5)
-        )
+        upload, exchange = _started(pool, len(body), 10)
+        waited = _noting_waits(upload)
         writer = asyncio.ensure_future(upload.write(memoryview(body)))
         await waited.wait()
         backend.reading.set()
@@ -254,10 +278,7 @@ async def test_full_buffers_make_the_writer_wait_and_nothing_is_lost() -> None:
 async def test_a_backend_that_takes_nothing_times_out() -> None:
     body = bytes(16 * MiB)
     async with serving(Script([1]), reading=False) as (_, pool):
-        upload = upstream.Upload(pool, "POST", len(body), 0.5)
-        exchange = asyncio.ensure_future(
-            upload.exchange("/", [("Content-Length", str(len(body)))], 5)
-        )
+        upload, exchange = _started(pool, len(body), 0.5)
         assert await upload.write(memoryview(body)) is False
         with pytest.raises(asyncio.TimeoutError, match=r"took none of the upload for 0\.5 s"):
             await exchange
@@ -270,18 +291,8 @@ async def test_cancelling_while_the_writer_waits_closes_and_unregisters() -> Non
     body = bytes(16 * MiB)
     loop = asyncio.get_running_loop()
     async with serving(Script([1]), reading=False) as (_, pool):
-        upload = upstream.Upload(pool, "POST", len(body), 30)
-        exchange = asyncio.ensure_future(
-            upload.exchange("/", [("Content-Length", str(len(body)))], 5)
-        )
-        waiting = asyncio.Event()
-        wait = upload._wait_writable
-
-        async def noted(conn: Any) -> bool:
-            waiting.set()
-            return await wait(conn)
-
-        upload._wait_writable = noted  # type: ignore[method-assign]
+        upload, exchange = _started(pool, len(body), 30)
+        waiting = _noting_waits(upload)
         writer = asyncio.ensure_future(upload.write(memoryview(body)))
         await waiting.wait()
         sock = upload._conn.sock
