@@ -66,16 +66,7 @@ class _Conn:
         """Receive more after ``end`` (into a buffer of at least ``size`` bytes); 0 when the
         backend closed. Unread bytes are moved to the front first when space runs short.
         No view of the buffer may be held across this call (it may be replaced)."""
-        if self.start == self.end:
-            self.start = self.end = 0
-        if len(self.buf) < size:
-            grown = bytearray(size)
-            grown[: self.end - self.start] = self.buf[self.start : self.end]
-            self.buf, self.end, self.start = grown, self.end - self.start, 0
-        elif len(self.buf) - self.end < len(self.buf) // 4:
-            self.buf[: self.end - self.start] = self.buf[self.start : self.end]
-            self.end -= self.start
-            self.start = 0
+        self._make_room(size)
         with memoryview(self.buf) as view, view[self.end :] as free:
             while True:
                 try:
@@ -89,12 +80,25 @@ class _Conn:
     def find(self, sep: bytes) -> int:
         return self.buf.find(sep, self.start, self.end)
 
+    def _make_room(self, size: int) -> None:
+        """A buffer of at least ``size`` bytes with room after ``end``: unread bytes are moved
+        to the front when less than a quarter is free."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        if len(self.buf) < size:
+            grown = bytearray(size)
+            grown[: self.end - self.start] = self.buf[self.start : self.end]
+            self.buf, self.end, self.start = grown, self.end - self.start, 0
+        elif len(self.buf) - self.end < len(self.buf) // 4:
+            self.buf[: self.end - self.start] = self.buf[self.start : self.end]
+            self.end -= self.start
+            self.start = 0
+
     def poll(self) -> bool | None:
         """Receive what has arrived, without waiting: True if bytes did, False if none, None
         if the backend closed or reset the connection (the next :meth:`fill` says which) or
-        the buffer is full."""
-        if self.start == self.end:
-            self.start = self.end = 0
+        the buffer is full of unread bytes."""
+        self._make_room(HEAD_BUFFER)
         if len(self.buf) == self.end:
             return None
         try:
@@ -204,6 +208,8 @@ class Answer:
         self._remaining = length  # body bytes not yet handed on (None: unknown)
         self._buffer = BODY_BUFFER  # receive buffer size while the body is read
         self.complete = length == 0
+        #: a reset ends a close-framed body (set for the answer to a refused upload, see _fill)
+        self.reset_ends_body = False
 
     def _live(self) -> _Conn:
         if self._conn is None:
@@ -237,14 +243,14 @@ class Answer:
         self.complete = True
 
     async def _fill(self, conn: _Conn) -> int:
-        """:meth:`_Conn.fill` for the body; a reset ends a body that ends with the connection
-        (RFC 9112 6.3, 8: its end is the close, however it comes), as aiohttp reads it: tornado
-        answers a refused upload that way (a 400 without length, then a close with the body
-        unread, which the kernel turns into a reset)."""
+        """:meth:`_Conn.fill` for the body. After a refused upload (``reset_ends_body``), a
+        reset ends a body framed by the connection's close: tornado refuses a body over its
+        limit with a 400 without length and closes with the upload unread, which the kernel
+        turns into a reset. Anywhere else a reset is an error: the body was cut."""
         try:
             return await conn.fill(self._timeout, self._buffer)
         except ConnectionResetError:
-            if self._remaining is not None or self._chunked:
+            if self._remaining is not None or self._chunked or not self.reset_ends_body:
                 raise
             return 0
 
@@ -534,7 +540,8 @@ class Upload:
         self._sent: asyncio.Future[None] = loop.create_future()  # body sent, or stopped
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self._answer_seen = False  # a final 2xx/3xx head arrived: keep sending, stop watching
+        self._answer_seen = False  # a final 2xx/3xx head arrived: the body goes on
+        self._interim = 0  # interim answers consumed while sending
 
     def _stop(self, error: BaseException | None = None) -> None:
         self.stopped = True
@@ -565,8 +572,8 @@ class Upload:
             await self._sent
             if self._conn is None:
                 raise UpstreamError("the upload was closed")
-            if isinstance(self._error, asyncio.TimeoutError):
-                raise self._error
+            if isinstance(self._error, asyncio.TimeoutError) and not self._answer_seen:
+                raise self._error  # (with an answer in, the backend has said what it had to)
             try:
                 resp = await _read_answer(self._pool, conn, self._method, self._timeout, False)
             except (OSError, UpstreamError):
@@ -577,6 +584,7 @@ class Upload:
             self._conn = None  # the answer owns the socket now
             if self.stopped:
                 resp.keep_alive = False  # mid-body: never reused (release closes it)
+                resp.reset_ends_body = True
             return resp
         except BaseException:
             self.close()
@@ -632,9 +640,7 @@ class Upload:
                 text = f"LiberTEM took none of the upload for {self._timeout:g} s"
                 fut.set_exception(asyncio.TimeoutError(text))
 
-        watching = not self._answer_seen  # (once seen, the answer's bytes stay unread)
-        if watching:
-            loop.add_reader(fd, answered)
+        loop.add_reader(fd, answered)
         loop.add_writer(fd, writable)
         timer = loop.call_later(self._timeout, expired) if self._timeout else None
         self._waiter = fut
@@ -646,8 +652,7 @@ class Upload:
         finally:
             self._waiter = None
             if not self._closed:  # close() unregistered the socket before closing it
-                if watching:
-                    loop.remove_reader(fd)
+                loop.remove_reader(fd)
                 loop.remove_writer(fd)
             if timer is not None:
                 timer.cancel()
@@ -663,10 +668,13 @@ class Upload:
         and look at it. Complete interim answers are consumed (:meth:`exchange` would skip
         them anyway); True for an error status, a connection that ended or failed, or bytes
         that are not an answer (:meth:`exchange` then says what is wrong with them)."""
-        if self._answer_seen:
-            return False
         if conn.poll() is None:
             return True
+        if self._answer_seen:
+            # its bytes are kept as they come (in the buffer, safe from a later reset); a
+            # backend that sends its whole answer before reading the body fills the buffer,
+            # then sending stops (the answer is relayed, the body is cut, as aiohttp did)
+            return False
         while conn.start < conn.end:
             line_end = conn.find(b"\r\n")
             if line_end < 0:  # the status line is not complete yet
@@ -688,6 +696,9 @@ class Upload:
             except UpstreamError:
                 return True
             conn.start = end + 4  # an interim answer: the body goes on
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                return True  # (exchange says so)
         return False
 
     def close(self) -> None:

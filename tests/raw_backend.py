@@ -17,7 +17,8 @@ A script is a list of steps, run in order on the connection:
   pseudo-random bytes (:func:`pattern`) in pieces, ``framing`` "length" (raw) or "chunked"
   (chunk framing); with ``cut``, stop after that many bytes and close the connection;
 - ``["sleep", seconds]``; ``["close"]`` close the connection now (also: after the script if the
-  body was not read, since the next request could not be found in the stream);
+  body was not read, since the next request could not be found in the stream); ``["reset"]``
+  close it with a reset (RST) instead;
 - ``["linger", seconds]`` end the answer politely: half-close, read and discard what the client
   still sends (at most ``seconds`` between reads), then close.
 
@@ -36,6 +37,8 @@ import contextlib
 import hashlib
 import json
 import random
+import socket
+import struct
 import sys
 from typing import Any
 
@@ -204,6 +207,12 @@ class Backend:
             elif op == "sleep":
                 await asyncio.sleep(float(step[1]))
             elif op == "close":
+                return False
+            elif op == "reset":
+                # an abortive close (SO_LINGER 0): the client sees a reset, not an end
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
                 return False
             elif op == "linger":
                 # a polite early answer (RFC 9112 9.6): stop sending, read what the client

@@ -46,6 +46,7 @@ class Script:
     reads: list[int]  # sizes of its successive reads (cycled)
     early_at: int | None = None  # answer 413 after this many body bytes (None: read all)
     after_early: str = "close"  # "close", "reset" or "idle" (keeps the socket, reads nothing)
+    interim: list[bytes] = field(default_factory=list)  # sent before the body is read
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Backend:
                 head = await reader.readuntil(b"\r\n\r\n")
                 script = self.scripts.pop(0)
                 length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                for answer in script.interim:
+                    writer.write(answer)
+                    await writer.drain()
                 await self.reading.wait()
                 want = length if script.early_at is None else min(script.early_at, length)
                 got = bytearray()
@@ -330,3 +334,18 @@ async def test_nobody_listening_fails_the_exchange_and_the_writes() -> None:
         with pytest.raises(ConnectionRefusedError):
             await exchange
         assert not upload.head_sent
+
+
+async def test_interim_answers_larger_than_the_buffer_do_not_stop_the_body() -> None:
+    """Three 50 KiB ``103 Early Hints`` (150 KiB, more than the 128 KiB receive buffer holds
+    at once) before the backend reads: each is skipped as it completes and the body goes on.
+    Found by the red team: the buffer was not compacted while sending, so it counted as full
+    of an answer and the body stopped."""
+    hint = b"HTTP/1.1 103 Early Hints\r\nLink: <" + b"a" * (50 * KiB) + b">\r\n\r\n"
+    body = random.Random(5).randbytes(12 * MiB)
+    async with serving(Script([64 * KiB], interim=[hint] * 3), reading=False) as (backend, pool):
+        _, exchange, results = await _upload(pool, body, [MiB], backend.reading)
+        answer = await exchange
+        assert (all(results), answer.status) == (True, 200)
+        assert await answer.read() == hashlib.sha256(body).hexdigest().encode()
+        answer.release()

@@ -9,6 +9,15 @@ Each case failed before its fix (82fa446, the first version of the upload path):
   body was left unread, became a 502 "did not answer" instead of the 400;
 - an early *successful* answer stopped the body too, although the backend went on reading it
   (RFC 9112 9.3: only an error answer is a reason to stop).
+
+And what the second red team found in those fixes (a740cad):
+
+- the reset rule applied to every body framed by the close: a GET download cut by a reset
+  reached the browser as a complete body;
+- an early 2xx answer followed by a backend that neither read nor closed became a 504, although
+  its 200 was already in;
+- an early 2xx answer with a large body, then the backend reading the upload: neither side read,
+  both waited until ``read_timeout`` (504).
 """
 
 from __future__ import annotations
@@ -92,3 +101,41 @@ async def test_early_success_answer_lets_the_backend_read_the_whole_body(prig: R
         assert asyncio.get_running_loop().time() < deadline, rec
         await asyncio.sleep(0.05)
     assert rec["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest(), rec
+
+
+async def test_download_cut_by_a_reset_stays_cut(prig: Rig) -> None:
+    """A body framed by the close and cut by a reset: the browser must see it broken off (a
+    chunked body without its last chunk), as a direct client sees the reset."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n"
+    steps = [send(head), scripts.body(3, 300_000), ["reset"]]
+    direct, _ = await prig.direct("GET", "cut", [header(steps, scripts.new_id())])
+    assert direct.truncated
+    resp, _ = await prig.proxied("GET", "cut", [header(steps, scripts.new_id())])
+    assert resp.status == 200 and resp.truncated, (resp.framing, len(resp.body))
+    await settled(prig.supervisor)
+
+
+@pytest.mark.proxy_config(read_timeout=2)
+async def test_early_success_then_a_stalled_backend_keeps_the_answer(prig: Rig) -> None:
+    size = 24 * MiB
+    h = [header([ok(b"accepted"), ["sleep", 6], ["close"]], scripts.new_id())]
+    resp, _ = await prig.proxied("PUT", "up", [*h, ("Content-Length", str(size))], _pieces(size))
+    assert (resp.status, resp.body) == (200, b"accepted"), resp.body[:300]
+    await settled(prig.supervisor)
+
+
+@pytest.mark.proxy_config(read_timeout=5)
+async def test_early_success_with_a_large_body_before_reading(prig: Rig) -> None:
+    """The backend sends its whole answer (24 MiB) before it reads the upload. Once that
+    answer fills the proxy's buffer, the body stops and the answer is relayed whole (the
+    backend gets a cut body, as it did with aiohttp); before, both sides waited."""
+    size = 24 * MiB
+    steps = [
+        send(response_head("200 OK", [("Content-Length", str(size))])),
+        scripts.body(7, size, 256 * KiB),
+        ["read_body"],
+    ]
+    h = [header(steps, scripts.new_id()), ("Content-Length", str(size))]
+    resp, _ = await prig.proxied("PUT", "up", h, _pieces(size, MiB), timeout=60)
+    assert (resp.status, len(resp.body), resp.truncated) == (200, size, False)
+    await settled(prig.supervisor)
