@@ -290,7 +290,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         targets.append(ours)
         await setups.wait_http(ours.base + "api/config/", ours.headers, 60, 0.05)
         if not args.no_relay:
-            targets.append(await setups.start_relay(targets[0]))
+            targets.append(await setups.start_relay(targets[0], args.relay_threads))
         names = args.only or list(WORKLOADS)
         results: dict[str, dict[str, list[Sample]]] = {}
         profiles: dict[str, Any] = {}
@@ -341,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-relay",
         action="store_true",
         help="leave out the third target, bench/tcp_relay.py (the floor of a userspace relay)",
+    )
+    p.add_argument(
+        "--relay-threads",
+        action="store_true",
+        help="run the relay with a blocking thread per direction instead of an event loop",
     )
     p.add_argument(
         "--profile",

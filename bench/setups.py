@@ -249,9 +249,10 @@ async def start_direct(workdir: Path, client_dir: Path | None, program: Path = B
     )
 
 
-async def start_relay(direct: Target) -> Target:
+async def start_relay(direct: Target, threads: bool = False) -> Target:
     """``bench/tcp_relay.py`` in front of ``direct``'s backend: the floor of any userspace
-    proxy (see that file). Its CPU is reported where a proxy's Jupyter CPU would be."""
+    proxy (see that file; ``threads``: its thread-per-direction mode). Its CPU is reported
+    where a proxy's Jupyter CPU would be."""
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 (before any measurement; waits for one line)
         [
@@ -259,6 +260,7 @@ async def start_relay(direct: Target) -> Target:
             str(Path(__file__).parent / "tcp_relay.py"),
             str(port),
             direct.base.split(":")[-1].rstrip("/"),
+            *(["--threads"] if threads else []),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

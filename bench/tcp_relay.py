@@ -11,6 +11,14 @@ more, unless it moves the bytes more cheaply than the relay does (``splice``, la
 then it can beat this floor, and the proxy's own downloads of a known length do.
 
     python bench/tcp_relay.py LISTEN_PORT BACKEND_PORT     # prints "ready" once listening
+    python bench/tcp_relay.py LISTEN_PORT BACKEND_PORT --threads
+
+``--threads``: the same relay without an event loop: one thread per direction of each
+connection, blocking ``recv_into`` and ``sendall`` on one buffer. Each message then costs one
+wake-up of the thread that waits in ``recv`` instead of a selector round, its callbacks and
+the transport's buffering. On this machine it reached 0.80 of direct for 1 KiB websocket
+round trips where the event-loop relay reached 0.54 (2026-11-30): the cost of a hop in Python
+depends on how it waits, not only on the hop.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import threading
 
 
 class Half(asyncio.Protocol):
@@ -87,5 +96,48 @@ async def main(listen: int, backend: int) -> None:
         await server.serve_forever()
 
 
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    """Move bytes from ``src`` to ``dst`` until ``src`` ends, then end ``dst``'s sending side."""
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    try:
+        while n := src.recv_into(buf):
+            dst.sendall(view[:n])
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _relay_threads(client: socket.socket, backend: int) -> None:
+    try:
+        upstream = socket.create_connection(("127.0.0.1", backend))
+    except OSError:
+        client.close()
+        return
+    for sock in (client, upstream):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+    back.start()
+    _pump(client, upstream)
+    back.join()
+    client.close()
+    upstream.close()
+
+
+def main_threads(listen: int, backend: int) -> None:
+    with socket.create_server(("127.0.0.1", listen), backlog=128) as server:
+        print("ready", flush=True)
+        while True:
+            client, _ = server.accept()
+            threading.Thread(target=_relay_threads, args=(client, backend), daemon=True).start()
+
+
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    if "--threads" in sys.argv[3:]:
+        main_threads(int(sys.argv[1]), int(sys.argv[2]))
+    else:
+        asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
