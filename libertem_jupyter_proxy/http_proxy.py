@@ -144,7 +144,8 @@ class HttpProxyHandler(ProxyHandlerBase):
         # the browser's whole body has been received (the method runs only then)
         self._body_complete = False
         # the backend answered before it had the whole body: the rest is discarded and the
-        # upstream connection is closed after the answer
+        # upstream connection is closed after the answer (a body through the pipe; an Upload
+        # marks its answer as not reusable itself)
         self._early_answer = False
         # the upstream request failed while the browser's body was still arriving
         self._failed_mid_upload = False
@@ -200,11 +201,11 @@ class HttpProxyHandler(ProxyHandlerBase):
         if self._upload is not None:
             upload = self._upload
 
+            # (an early answer needs no flag here: Upload.write says False from then on, so
+            # the body reader discards the rest, and the answer's socket is never reused)
             def upload_done(f: asyncio.Future[Answer]) -> None:
                 if f.cancelled() or f.exception() is not None:
                     self._failed_mid_upload = upload.head_sent and not self._body_complete
-                elif not self._body_complete and upload.stopped:
-                    self._early_answer = True  # the body reader discards the rest
 
             self._upstream.add_done_callback(upload_done)
         if self._pipe is not None:
@@ -285,13 +286,11 @@ class HttpProxyHandler(ProxyHandlerBase):
         the upload stopped (an early answer, a failure) the rest is read and discarded."""
         buf = memoryview(bytearray(min(length, BODY_PIECE)))
         remaining = length
-        sending = True
         try:
             while remaining:
                 n = await stream.read_into(buf[: min(remaining, len(buf))], partial=True)
                 remaining -= n
-                if sending:
-                    sending = await upload.write(buf[:n])
+                await upload.write(buf[:n])  # False once stopped: the piece is dropped
         except StreamClosedError:
             # tornado may not have said so yet; only our part of on_connection_close: tornado's
             # own would fail the request's body future, which tornado resolves itself next

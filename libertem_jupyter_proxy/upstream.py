@@ -94,22 +94,22 @@ class _Conn:
             self.end -= self.start
             self.start = 0
 
-    def poll(self) -> bool | None:
-        """Receive what has arrived, without waiting: True if bytes did, False if none, None
-        if the backend closed or reset the connection (the next :meth:`fill` says which) or
-        the buffer is full of unread bytes."""
+    def poll(self) -> bool:
+        """Receive what has arrived, without waiting. False once nothing more can come in:
+        the backend closed or reset the connection (the next :meth:`fill` says which), or the
+        buffer is full of unread bytes."""
         self._make_room(HEAD_BUFFER)
         if len(self.buf) == self.end:
-            return None
+            return False
         try:
             with memoryview(self.buf) as view, view[self.end :] as free:
                 n = self.sock.recv_into(free)
         except BlockingIOError:
-            return False
+            return True
         except OSError:
-            return None
+            return False
         self.end += n
-        return True if n else None
+        return n > 0
 
 
 class Pool:
@@ -668,7 +668,7 @@ class Upload:
         and look at it. Complete interim answers are consumed (:meth:`exchange` would skip
         them anyway); True for an error status, a connection that ended or failed, or bytes
         that are not an answer (:meth:`exchange` then says what is wrong with them)."""
-        if conn.poll() is None:
+        if not conn.poll():
             return True
         if self._answer_seen:
             # its bytes are kept as they come (in the buffer, safe from a later reset); a
