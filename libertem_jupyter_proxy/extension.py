@@ -58,6 +58,7 @@ class ProxySettings:
     activity_exclude: list[re.Pattern[str]]
     loading_page_delay: float
     compress: bool
+    websocket_threads: int = 16
     sizing: CpuFigure | None = None  # c.LiberTEMProxy.cpus, resolved once at start (sizing.py)
 
     @property
@@ -152,6 +153,15 @@ class LiberTEMProxy(ExtensionApp):
         128 * 1024 * 1024,
         min=0,
         help="Largest websocket message relayed, in bytes, in either direction.",
+    ).tag(config=True)
+
+    websocket_threads = Int(
+        16,
+        min=0,
+        help="""Websockets relayed at once on threads of their own (two each, one per
+        direction), the fastest relay for the GUI's small messages. Websockets beyond this number,
+        and all of them under Jupyter's own TLS (certfile), are relayed on Jupyter's event loop,
+        as with 0.""",
     ).tag(config=True)
 
     max_body_size = Int(
@@ -309,6 +319,7 @@ class LiberTEMProxy(ExtensionApp):
         self.settings[SETTINGS_KEY] = ProxySettings(
             supervisor=self.supervisor,
             websocket_max_message_size=self.websocket_max_message_size,
+            websocket_threads=self.websocket_threads,
             max_body_size=self.max_body_size,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,

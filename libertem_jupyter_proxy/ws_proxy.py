@@ -15,22 +15,28 @@ backend) parsed, unmasked and re-masked every message in Python, about 430 us of
 (``ws_frames``), so the largest message size stays enforced (close 1009 to both sides) and a
 browser that breaks the protocol is refused (close 1002).
 
-The handshake is done on tornado IOStreams; the relay then runs on plain asyncio transports
-(``_take_over``): their read callback hands each chunk straight to us and ``write`` sends at
-once, where an IOStream read is a future, a task wake-up and a re-registration with the event
-loop per chunk (bench, 1 KiB round trips, Jupyter CPU: about 200 us with IOStream coroutines,
-80-120 us with transports; what is left is mostly the event loop and the two syscalls).
-Both relayed sockets get ``TCP_NODELAY`` (``_no_delay``): without it the tail of each large
-browser message waited for the backend's delayed ACK (issue 17). Under Jupyter's own TLS
-(``ServerApp.certfile``) the browser's connection is an ``SSLSocket`` that asyncio cannot adopt,
-so the same relay runs on the IOStreams instead (``_StreamBridge``).
+The handshake is done on tornado IOStreams; then both connections are moved to sockets of
+their own (``ws_transport.take_over``) and relayed by one of three relays with the same rules:
+
+- ``ws_threads.ThreadBridge``, a blocking thread per direction: the fastest for the GUI's small
+  messages (1 KiB round trips: about 57 us of Jupyter CPU, 0.80 of direct; issue 17). Used for
+  up to ``LiberTEMProxy.websocket_threads`` websockets at once.
+- ``_Bridge``, asyncio transports on Jupyter's event loop, for websockets beyond that number:
+  their read callback hands each chunk straight to us and ``write`` sends at once, where an
+  IOStream read is a future, a task wake-up and a re-registration per chunk (about 200 us per
+  1 KiB round trip with IOStream coroutines, 80-120 us with transports).
+- ``_StreamBridge``, tornado IOStreams, under Jupyter's own TLS (``ServerApp.certfile``): the
+  browser's connection is then an ``SSLSocket`` that can be neither duplicated nor shared by
+  two threads (one ``ssl`` object per connection).
+
+Both relayed sockets get ``TCP_NODELAY`` (``ws_transport.no_delay``): without it the tail of
+each large browser message waited for the backend's delayed ACK (issue 17).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import mmap
 import re
 import socket
 import ssl
@@ -53,21 +59,18 @@ from .ws_frames import (
     close_frame,
     valid_key,
 )
+from .ws_threads import ThreadBridge
+from .ws_transport import (
+    CLOSE_FLUSH_TIMEOUT,
+    FIRST_READ_SIZE,
+    MAX_READ_SIZE,
+    WRITE_BUFFER_HIGH,
+    new_buffer,
+    take_over,
+)
 
 # The backend's answer to the upgrade is a few hundred bytes; anything longer is not it.
 MAX_RESPONSE_HEAD = 64 * 1024
-# How long what is queued for a closing connection (the last frames, our own close frame) may
-# take to leave before we hang up anyway: a peer that stops reading cannot keep it open.
-CLOSE_FLUSH_TIMEOUT = 5.0
-# Outgoing bytes queued per connection before the other side stops reading (backpressure).
-WRITE_BUFFER_HIGH = 1 << 20
-# Read buffer per connection: small at first (the GUI's events are small JSON messages),
-# doubled each time a read fills it, up to 1 MiB and one more step of 64 KiB (so a big message
-# takes a few reads, not hundreds, and a power-of-two message, 1 MiB and its frame header, fits
-# one read: at exactly 1 MiB the header's 14 bytes came in a second read and wake-up).
-FIRST_READ_SIZE = 64 * 1024
-MAX_READ_SIZE = 1024 * 1024 + FIRST_READ_SIZE
-
 # RFC 9110 token (header names); header values may not contain CR, LF or NUL.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
@@ -107,50 +110,6 @@ def upgrade_request(
         raise HandshakeError("header not encodable") from None
 
 
-def _take_over(stream: IOStream) -> tuple[socket.socket, bytes]:
-    """Move a connection from a tornado IOStream to a socket asyncio can own, with the bytes
-    tornado had already read past the handshake (they must not be lost).
-
-    tornado has no public way to hand a socket over, so: take whatever is buffered (a read of
-    everything available resolves at once; a read that would wait means nothing was buffered),
-    duplicate the descriptor, and close the IOStream, which unregisters and closes its own
-    descriptor while the connection stays open through the duplicate.
-    """
-    buffered = b""
-    try:
-        read = stream.read_bytes(stream.max_buffer_size, partial=True)
-    except StreamClosedError:
-        read = None
-    if read is not None and read.done() and read.exception() is None:  # type: ignore[attr-defined]
-        buffered = read.result()  # type: ignore[attr-defined]
-    sock = stream.socket.dup()
-    stream.close()  # a pending read ends with StreamClosedError; tornado silences it
-    sock.setblocking(False)
-    _no_delay(sock)
-    return sock, buffered
-
-
-def _no_delay(sock: socket.socket) -> None:
-    """Send each write at once (``TCP_NODELAY``) on a TCP socket.
-
-    asyncio sets it on its transports only when the socket's ``proto`` is ``IPPROTO_TCP``; a
-    socket made as ``socket(AF_INET, SOCK_STREAM)`` (proto 0, as the backend connection is)
-    keeps Nagle's algorithm. Then the tail of a big message (the last bytes of a frame, read
-    after the rest) waited for the backend's delayed ACK: 40 ms per browser message, the
-    "browser -> backend is 9x slower" of issue 17.
-    """
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _new_buffer(size: int) -> memoryview:
-    """A read buffer of its own anonymous mapping, not from the heap: its pages become memory
-    only when a read touches them (a bytearray is zero-filled at once), and they go back to the
-    system when it is dropped (freed heap blocks between other allocations stay resident: the
-    soak test saw Jupyter's RSS grow by 30 MiB over 1,400 websockets with bytearrays)."""
-    return memoryview(mmap.mmap(-1, size))
-
-
 class _Side(asyncio.BufferedProtocol):
     """One connection of the bridge (the browser's or the backend's), as an asyncio protocol.
 
@@ -168,7 +127,7 @@ class _Side(asyncio.BufferedProtocol):
         self.masked = masked  # frames *to* this side must be masked (it is the backend)
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
-        self.buffer = _new_buffer(FIRST_READ_SIZE)
+        self.buffer = new_buffer(FIRST_READ_SIZE)
         self.held = 0  # buffer[:held] is an incomplete frame header, waiting for the rest
         self.early: list[bytes] = []  # what arrived before the bridge started
         self.lost = False
@@ -190,7 +149,7 @@ class _Side(asyncio.BufferedProtocol):
 
     def swap_buffer(self, old: memoryview, ready: int, end: int, grow: bool) -> None:
         """Read on into a new buffer (twice as big if ``grow``), starting with the held bytes."""
-        fresh = _new_buffer(min(2 * len(old), MAX_READ_SIZE) if grow else len(old))
+        fresh = new_buffer(min(2 * len(old), MAX_READ_SIZE) if grow else len(old))
         fresh[: end - ready] = old[ready:end]
         self.buffer = fresh
 
@@ -232,6 +191,23 @@ class _Side(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
+    def finish(self) -> None:
+        """After a refusal: FIN once what is queued has left, but read on (``relay`` drops what
+        comes) until the peer closes, within a time limit. A socket closed with unread bytes
+        is answered with a reset, which can destroy our close frame before the peer reads it
+        (found by test_ws_bridges: a browser frame after the refused one reset the browser)."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        transport.resume_reading()  # it may be paused by the other side's backpressure
+        if self._abort_timer is None:
+            loop = asyncio.get_running_loop()
+            self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
+
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.abort()
@@ -259,8 +235,8 @@ class _Bridge:
         """Take both connections over from tornado and start relaying."""
         loop = asyncio.get_running_loop()
         try:
-            browser_sock, browser_early = _take_over(browser)
-            backend_sock, backend_early = _take_over(backend)
+            browser_sock, browser_early = take_over(browser)
+            backend_sock, backend_early = take_over(backend)
         except OSError:
             browser.close()
             backend.close()
@@ -327,14 +303,14 @@ class _Bridge:
             assert peer is not None
             if side.transport is not None and not side.lost and peer.scanner.at_frame_boundary:
                 side.transport.write(close_frame(code, reason, masked=side.masked))
-            side.close()
+            side.finish()
 
     def side_lost(self) -> None:
         """One connection is gone: close the other; when both are, the bridge is finished."""
         if not self.started:
             return
-        if self.browser.lost or self.backend.lost:
-            self.browser.close()
+        if (self.browser.lost or self.backend.lost) and not self.refusing:
+            self.browser.close()  # after a refusal each side waits for its own peer (finish)
             self.backend.close()
         if self.browser.lost and self.backend.lost and not self.finished.done():
             self.finished.set_result(None)
@@ -533,11 +509,13 @@ class WebSocketProxyHandler(ProxyHandlerBase):
             return
         self.set_status(101)  # for Jupyter's request log
         self.application.log_request(self)
-        bridge: _Bridge | _StreamBridge
-        if _can_take_over(browser):
-            bridge = _Bridge(self.max_message_size, self._browser_message)
-        else:  # Jupyter's own TLS: relay on the IOStreams
+        bridge: ThreadBridge | _Bridge | _StreamBridge
+        if not _can_take_over(browser):  # Jupyter's own TLS: relay on the IOStreams
             bridge = _StreamBridge(self.max_message_size, self._browser_message)
+        elif ThreadBridge.active < self.proxy_settings.websocket_threads:
+            bridge = ThreadBridge(self.max_message_size, self._browser_message)
+        else:
+            bridge = _Bridge(self.max_message_size, self._browser_message)
         await bridge.start(browser, backend)
         self.supervisor.websocket_opened()
         try:

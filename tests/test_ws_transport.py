@@ -1,4 +1,4 @@
-"""How the websocket bridge takes connections over from tornado (``ws_proxy._take_over``)."""
+"""How the websocket bridge takes connections over from tornado (``ws_transport.take_over``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
-from libertem_jupyter_proxy.ws_proxy import _take_over
+from libertem_jupyter_proxy.ws_transport import take_over
 
 
 async def test_taken_over_backend_socket_sends_without_delay():
@@ -19,7 +19,7 @@ async def test_taken_over_backend_socket_sends_without_delay():
     await stream.connect(("127.0.0.1", listener.getsockname()[1]))
     accepted, _ = listener.accept()
     try:
-        sock, early = _take_over(stream)
+        sock, early = take_over(stream)
         try:
             assert early == b""
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
@@ -38,7 +38,7 @@ async def test_bytes_tornado_had_read_are_handed_over():
     try:
         accepted.sendall(b"HTTP/1.1 101 x\r\n\r\nframe bytes")
         await stream.read_until(b"\r\n\r\n")
-        sock, early = _take_over(stream)
+        sock, early = take_over(stream)
         sock.settimeout(5)
         try:  # what tornado had not read yet is still in the socket: nothing lost either way
             rest = b"" if len(early) == 11 else sock.recv(100)
