@@ -77,6 +77,14 @@ def proxy_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     return options
 
 
+@pytest.fixture(params=["threads", "event-loop"])
+def both_websocket_relays(request: pytest.FixtureRequest, proxy_options: dict[str, Any]) -> str:
+    """Run a test once with websockets relayed on threads (the default) and once on Jupyter's
+    event loop (what websockets beyond ``websocket_threads`` get): same rules, same results."""
+    proxy_options.setdefault("websocket_threads", 16 if request.param == "threads" else 0)
+    return str(request.param)
+
+
 @pytest.fixture
 def serverapp(
     io_loop: Any, jp_dirs: dict[str, Path], base_url: str, proxy_options: dict[str, Any]

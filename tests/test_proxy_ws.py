@@ -6,12 +6,16 @@ import asyncio
 import json
 import os
 import signal
+import threading
 
 import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
 from libertem_jupyter_proxy.supervisor import State
+
+# every websocket test runs with both relays (threads, event loop): conftest
+pytestmark = pytest.mark.usefixtures("both_websocket_relays")
 
 
 async def test_text_and_binary_echo(client):
@@ -162,3 +166,39 @@ async def test_pings_answered(client):
             assert msg.data == b"are you there"
             await ws.send_str("still works")
             assert (await ws.receive(timeout=10)).data == "still works"
+
+
+def _relay_threads() -> int:
+    return sum(t.name.startswith("libertem websocket") for t in threading.enumerate())
+
+
+async def _settled(supervisor, websockets: int, threads: int) -> None:
+    """Wait until the counts are reached (a closed websocket ends a moment after its close)."""
+    for _ in range(500):
+        if supervisor.websockets == websockets and _relay_threads() == threads:
+            return
+        await asyncio.sleep(0.02)
+    assert (supervisor.websockets, _relay_threads()) == (websockets, threads)
+
+
+@pytest.mark.proxy_config(websocket_threads=1)
+async def test_websockets_beyond_websocket_threads_use_the_event_loop(client, supervisor):
+    """The first websocket gets its two threads, the second is relayed on the event loop; both
+    relay, and once the first is closed the next one gets threads again."""
+    first = await client.websocket()
+    await first.write_message("one")
+    assert await first.read_message() == "one"
+    await _settled(supervisor, 1, 2)
+    second = await client.websocket()
+    await second.write_message("two")
+    assert await second.read_message() == "two"
+    await _settled(supervisor, 2, 2)
+    first.close()
+    await _settled(supervisor, 1, 0)
+    third = await client.websocket()
+    await third.write_message("three")
+    assert await third.read_message() == "three"
+    await _settled(supervisor, 2, 2)
+    second.close()
+    third.close()
+    await _settled(supervisor, 0, 0)

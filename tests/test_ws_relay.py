@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import threading
 from collections.abc import Iterable
 
 import pytest
@@ -28,6 +29,9 @@ from libertem_jupyter_proxy.ws_frames import (
     valid_key,
 )
 from libertem_jupyter_proxy.ws_proxy import HandshakeError, upgrade_request
+
+# every websocket test runs with both relays (threads, event loop): conftest
+pytestmark = pytest.mark.usefixtures("both_websocket_relays")
 
 
 # ------------------------------------------------------------------ building frames
@@ -505,6 +509,7 @@ async def test_many_websockets_leave_nothing_behind(client, supervisor):
     assert supervisor.websockets == 0
     assert _fds() <= fds_before + 2
     assert len(asyncio.all_tasks()) <= tasks_before + 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("libertem websocket")]
 
 
 async def test_browser_gone_mid_message_closes_backend_side(client, supervisor):
