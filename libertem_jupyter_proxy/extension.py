@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -28,6 +28,7 @@ from .http_proxy import AddSlashHandler, HttpProxyHandler
 from .sizing import CpuFigure, cpu_figure
 from .supervisor import Supervisor, SupervisorConfig
 from .ws_proxy import WebSocketProxyHandler
+from .ws_threads import ThreadBridge
 
 API_PATH = "libertem-proxy/api"
 
@@ -59,6 +60,8 @@ class ProxySettings:
     loading_page_delay: float
     compress: bool
     websocket_threads: int = 16
+    # the running ThreadBridges (ws_threads), counted against websocket_threads
+    thread_bridges: set[ThreadBridge] = field(default_factory=set)
     sizing: CpuFigure | None = None  # c.LiberTEMProxy.cpus, resolved once at start (sizing.py)
 
     @property
@@ -365,3 +368,7 @@ class LiberTEMProxy(ExtensionApp):
             self.log.info("Stopping LiberTEM before Jupyter exits")
             await supervisor.stop("Jupyter is stopping")
             atexit.unregister(supervisor.kill_now)
+        settings = self.settings.get(SETTINGS_KEY)
+        if settings is not None:  # no websocket thread may outlive Jupyter's event loop
+            for bridge in list(settings.thread_bridges):
+                bridge.abort()

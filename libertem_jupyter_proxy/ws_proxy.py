@@ -512,8 +512,10 @@ class WebSocketProxyHandler(ProxyHandlerBase):
         bridge: ThreadBridge | _Bridge | _StreamBridge
         if not _can_take_over(browser):  # Jupyter's own TLS: relay on the IOStreams
             bridge = _StreamBridge(self.max_message_size, self._browser_message)
-        elif ThreadBridge.active < self.proxy_settings.websocket_threads:
-            bridge = ThreadBridge(self.max_message_size, self._browser_message)
+        elif len(self.proxy_settings.thread_bridges) < self.proxy_settings.websocket_threads:
+            bridge = ThreadBridge(
+                self.max_message_size, self._browser_message, self.proxy_settings.thread_bridges
+            )
         else:
             bridge = _Bridge(self.max_message_size, self._browser_message)
         await bridge.start(browser, backend)

@@ -77,15 +77,21 @@ class _Direction:
 class ThreadBridge:
     """Relays a websocket between the browser and the backend on two threads.
 
-    ``active`` counts the thread bridges running in this process (the handler uses the event-loop
-    bridge above ``LiberTEMProxy.websocket_threads``). ``finished`` resolves on the event loop once
-    both threads have ended and both sockets are closed.
+    ``registry`` holds the running thread bridges of one Jupyter server while they run (the
+    handler uses the event-loop bridge once there are ``LiberTEMProxy.websocket_threads`` of
+    them; the extension aborts them when Jupyter stops, so no thread stays blocked in ``recv``
+    on a browser connection after Jupyter's event loop has gone). ``finished`` resolves on the
+    event loop once both threads have ended and both sockets are closed.
     """
 
-    active = 0
-
-    def __init__(self, max_message_size: int, on_browser_message: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        max_message_size: int,
+        on_browser_message: Callable[[], None],
+        registry: set[ThreadBridge],
+    ) -> None:
         self.max_message_size = max_message_size
+        self._registry = registry
         self._on_browser_message = on_browser_message
         self._loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = self._loop.create_future()
@@ -125,7 +131,7 @@ class ThreadBridge:
         )
         for sock in self._socks:
             sock.setblocking(True)
-        ThreadBridge.active += 1
+        self._registry.add(self)
         started = 0
         try:
             for direction in directions:
@@ -271,7 +277,7 @@ class ThreadBridge:
         assert self._socks is not None
         for sock in self._socks:
             sock.close()
-        ThreadBridge.active -= 1
+        self._registry.discard(self)
         if not self.finished.done():
             self.finished.set_result(None)
 

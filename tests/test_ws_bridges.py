@@ -19,6 +19,7 @@ import itertools
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,12 @@ async def _send(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None:
         await asyncio.sleep(0)  # let the other side and the relay run between pieces
 
 
+def _bridge(kind: str, note: Callable[[], None]) -> Any:
+    if kind == "threads":
+        return ThreadBridge(LIMIT, note, set())
+    return BRIDGES[kind](LIMIT, note)
+
+
 def _relay_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
 
@@ -126,7 +133,7 @@ async def _run(
 
     b_reader, b_writer, b_stream = await _connection()
     l_reader, l_writer, l_stream = await _connection()
-    bridge = BRIDGES[kind](LIMIT, note)
+    bridge = _bridge(kind, note)
     await bridge.start(b_stream, l_stream)
     want_backend = sum(map(len, from_browser))
     want_browser = sum(map(len, from_backend))
@@ -239,7 +246,7 @@ def test_either_side_hanging_up_ends_the_relay_and_its_threads(kind: str, who: s
     async def run() -> bytes:
         b_reader, b_writer, b_stream = await _connection()
         l_reader, l_writer, l_stream = await _connection()
-        bridge = BRIDGES[kind](LIMIT, lambda: None)
+        bridge = _bridge(kind, lambda: None)
         await bridge.start(b_stream, l_stream)
         gone, stays = (b_writer, l_reader) if who == "browser" else (l_writer, b_reader)
         gone.write(_frame(OP_TEXT, b"last", masked=who == "browser"))
@@ -265,7 +272,7 @@ def test_a_peer_that_stops_reading_stops_the_other_sides_reading() -> None:
     async def run() -> int:
         _, b_writer, b_stream = await _connection()
         _, l_writer, l_stream = await _connection()
-        bridge = ThreadBridge(LIMIT, lambda: None)
+        bridge = _bridge("threads", lambda: None)
         await bridge.start(b_stream, l_stream)
         chunk = _frame(OP_BINARY, b"z" * (128 << 10), masked=False)  # within LIMIT
         l_writer.transport.set_write_buffer_limits(high=0)

@@ -529,3 +529,32 @@ async def test_browser_gone_mid_message_closes_backend_side(client, supervisor):
     ws2.close()
     with pytest.raises(WebSocketClosedError):
         await ws2.write_message("late")
+
+
+async def test_stopping_jupyter_ends_websockets_whose_browser_stays(
+    client, serverapp, supervisor, both_websocket_relays, monkeypatch
+):
+    """Jupyter stops while a tab keeps its websocket open and never closes it: the extension's
+    stop hook hangs the websockets up at once. With threads, nothing else would: the thread
+    reading the browser stays in ``recv`` until the flush time limit, and Jupyter's event loop,
+    which runs that timer, is about to stop (here the limit is made an hour long)."""
+    from libertem_jupyter_proxy import ws_proxy, ws_threads
+
+    monkeypatch.setattr(ws_threads, "CLOSE_FLUSH_TIMEOUT", 3600.0)
+    monkeypatch.setattr(ws_proxy, "CLOSE_FLUSH_TIMEOUT", 3600.0)
+    ws, _ = await RawWebsocket.connect(client)
+    await ws.send(client_frame(OP_TEXT, b"open"))
+    for _ in range(250):
+        if supervisor.websockets == 1:
+            break
+        await asyncio.sleep(0.02)
+    await serverapp.extension_manager.stop_all_extensions()
+    assert await ws.at_eof()
+    for _ in range(500):
+        threads = [t for t in threading.enumerate() if t.name.startswith("libertem websocket")]
+        if supervisor.websockets == 0 and not threads:
+            break
+        await asyncio.sleep(0.02)
+    assert supervisor.websockets == 0
+    assert not threads
+    ws.close()
