@@ -88,13 +88,15 @@ class FrameScanner:
     continuation frames must continue something (RFC 6455, 5.1 to 5.5). libertem-server's
     direction is trusted for protocol details; the message size limit applies to both.
 
-    ``messages`` counts data messages started (text or binary first frames), for activity.
+    ``messages`` counts data messages started (text or binary first frames), for activity;
+    ``closed`` says a close frame has started (RFC 6455 5.5.1: nothing may follow it).
     """
 
     __slots__ = (
         "_in_message",
         "_message_size",
         "_payload_left",
+        "closed",
         "error",
         "max_message_size",
         "messages",
@@ -105,6 +107,7 @@ class FrameScanner:
         self.max_message_size = max_message_size
         self.strict = strict
         self.messages = 0
+        self.closed = False
         self.error: tuple[int, str] | None = None
         self._payload_left = 0  # payload bytes of the current frame not seen yet
         self._in_message = False  # a fragmented data message awaits its final frame
@@ -115,6 +118,11 @@ class FrameScanner:
         """Everything forwarded so far ends with a complete frame: a frame of our own (a
         close frame) may be inserted into this direction now without corrupting the stream."""
         return self._payload_left == 0
+
+    @property
+    def payload_left(self) -> int:
+        """Bytes of the current frame's payload still to come (0: at a frame boundary)."""
+        return self._payload_left
 
     def feed(self, buf: bytes | bytearray | memoryview, end: int) -> int:
         """Scan ``buf[:end]``; return how many bytes may be forwarded (see the class doc)."""
@@ -171,6 +179,8 @@ class FrameScanner:
             if b0 & 0x70:
                 return CLOSE_PROTOCOL_ERROR, "reserved bits set"
         if opcode >= 8:  # control frames may come between the fragments of a message
+            if opcode == OP_CLOSE:
+                self.closed = True
             if strict:
                 if opcode > OP_PONG:
                     return CLOSE_PROTOCOL_ERROR, "reserved opcode"

@@ -65,8 +65,9 @@ from .ws_transport import (
     FIRST_READ_SIZE,
     MAX_READ_SIZE,
     WRITE_BUFFER_HIGH,
+    Taken,
     new_buffer,
-    take_over,
+    take_over_both,
 )
 
 # The backend's answer to the upgrade is a few hundred bytes; anything longer is not it.
@@ -191,6 +192,13 @@ class _Side(asyncio.BufferedProtocol):
             loop = asyncio.get_running_loop()
             self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
+    def close_later(self) -> None:
+        """Both close frames have passed: the peers are expected to close the connection; if
+        they do not within the time limit, it is cut."""
+        if self._abort_timer is None and not self.lost:
+            loop = asyncio.get_running_loop()
+            self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
+
     def finish(self) -> None:
         """After a refusal: FIN once what is queued has left, but read on (``relay`` drops what
         comes) until the peer closes, within a time limit. A socket closed with unread bytes
@@ -231,16 +239,12 @@ class _Bridge:
         self.refusing = False  # we sent our own close frames: relay nothing more
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def start(self, browser: IOStream, backend: IOStream) -> None:
-        """Take both connections over from tornado and start relaying."""
+    async def start(self, browser: Taken, backend: Taken) -> None:
+        """Relay the two connections taken over from tornado (``ws_transport``)."""
         loop = asyncio.get_running_loop()
-        try:
-            browser_sock, browser_early = take_over(browser)
-            backend_sock, backend_early = take_over(backend)
-        except OSError:
-            browser.close()
-            backend.close()
-            raise
+        (browser_sock, browser_early), (backend_sock, backend_early) = browser, backend
+        for sock in (browser_sock, backend_sock):
+            sock.setblocking(False)  # as taken over (a ThreadBridge that gave up left it so)
         try:
             await loop.create_connection(lambda: self.backend, sock=backend_sock)
         except BaseException:
@@ -289,6 +293,9 @@ class _Bridge:
         if side is self.browser and scanner.messages != self._browser_messages:
             self._browser_messages = scanner.messages
             self._on_browser_message()
+        if scanner.closed and peer.scanner.closed:  # both close frames passed: nothing follows
+            for one in (self.browser, self.backend):
+                one.close_later()
 
     def refuse(self, error: tuple[int, str], from_browser: bool) -> None:
         """Close both sides with our own close frame (1009, 1002). A side gets the frame only
@@ -509,22 +516,37 @@ class WebSocketProxyHandler(ProxyHandlerBase):
             return
         self.set_status(101)  # for Jupyter's request log
         self.application.log_request(self)
-        bridge: ThreadBridge | _Bridge | _StreamBridge
-        if not _can_take_over(browser):  # Jupyter's own TLS: relay on the IOStreams
-            bridge = _StreamBridge(self.max_message_size, self._browser_message)
-        elif len(self.proxy_settings.thread_bridges) < self.proxy_settings.websocket_threads:
-            bridge = ThreadBridge(
-                self.max_message_size, self._browser_message, self.proxy_settings.thread_bridges
-            )
-        else:
-            bridge = _Bridge(self.max_message_size, self._browser_message)
-        await bridge.start(browser, backend)
+        bridge = await self._relay(browser, backend)
+        if bridge is None:  # a side closed during the handover: over before it began
+            return
         self.supervisor.websocket_opened()
         try:
             await bridge.finished
         finally:
             bridge.abort()  # only if we were cancelled: the bridge has normally ended
             self.supervisor.websocket_closed()
+
+    async def _relay(
+        self, browser: IOStream, backend: IOStream
+    ) -> ThreadBridge | _Bridge | _StreamBridge | None:
+        """Start relaying with the right relay (see the module doc); None if a side closed
+        during the handover."""
+        if not _can_take_over(browser):  # Jupyter's own TLS: relay on the IOStreams
+            stream_bridge = _StreamBridge(self.max_message_size, self._browser_message)
+            await stream_bridge.start(browser, backend)
+            return stream_bridge
+        taken = await take_over_both(browser, backend)
+        if taken is None:
+            return None
+        registry = self.proxy_settings.thread_bridges
+        if len(registry) < self.proxy_settings.websocket_threads:
+            threads = ThreadBridge(self.max_message_size, self._browser_message, registry)
+            if threads.start(*taken):
+                return threads
+            self.log.warning("No thread to relay a websocket: it is relayed on the event loop")
+        bridge = _Bridge(self.max_message_size, self._browser_message)
+        await bridge.start(*taken)
+        return bridge
 
     async def _connect(self, *, host: str, port: int) -> IOStream:
         """A TCP connection to the backend (the caller passes fixed loopback, never anything

@@ -4,49 +4,55 @@ After the handshake (``ws_proxy``) a websocket is a pair of byte streams. On Jup
 each small message costs a selector round, the loop's callbacks and a write, about 100 us of
 Jupyter CPU per 1 KiB round trip, so round trips ran at about half the rate of a direct
 connection (bench/hotpath.py, ``ws_rt``). A thread that waits in ``recv`` and forwards with
-``sendall`` is woken by the kernel straight into the relay: about 57 us per round trip, and 0.80
-of direct instead of 0.54 in the same run (``bench/tcp_relay.py --threads`` against the
-event-loop relay). The threads hold the GIL only to follow frame headers (``FrameScanner``); the
-copies happen in the kernel calls, which release it.
+``send`` is woken by the kernel straight into the relay (bench/tcp_relay.py ``--threads``: 0.80
+of direct where the event-loop relay reached 0.54 in the same run). The threads hold the GIL only
+to follow frame headers (``FrameScanner``); the copies happen in the kernel calls, which release
+it.
 
-The rules are those of the event-loop bridge (``ws_proxy._Bridge``):
+The rules are those of the event-loop bridge (``ws_proxy._Bridge``), with three additions:
 
-- frame headers are followed, an incomplete one is held back, a refused frame (too big: 1009,
-  protocol error from the browser: 1002) ends the websocket with our own close frame to each side
-  whose stream is at a frame boundary;
-- backpressure is the blocking ``sendall``: a side that stops reading stops the thread that
-  writes to it, which then stops reading from the other side (at most one read buffer,
-  ``MAX_READ_SIZE``, is held per direction);
+- frame headers are followed, an incomplete one is held back; a refused frame (too big: 1009,
+  protocol error from the browser: 1002) ends the websocket with our own close frame to each
+  side. A side in the middle of receiving a frame first gets the rest of that frame (its header
+  was accepted), then the close frame; only a side that does not get it within
+  ``CLOSE_FLUSH_TIMEOUT`` is hung up without one;
+- backpressure: a thread sends all it read before it reads again, so a side that stops reading
+  stops the reading of the other side (at most one read buffer, ``MAX_READ_SIZE``, is held per
+  direction). While it waits to send, it also watches its source: if that side hangs up
+  meanwhile, the bridge ends (``CLOSE_FLUSH_TIMEOUT`` later if the waiting goes on);
 - when one side is gone, the other gets FIN after what was already forwarded to it
-  (``shutdown(SHUT_WR)``); its thread ends when that peer closes in turn (libertem-server and
+  (``shutdown(SHUT_WR)``), and its thread ends when that peer closes in turn (libertem-server and
   browsers do at once). After a refusal both threads read and drop what still comes until their
   peer closes: a socket closed with unread bytes is answered with a reset, which can destroy
-  the close frame before the peer reads it. ``CLOSE_FLUSH_TIMEOUT`` after the first thread ends
-  (or the refusal) both connections are cut (``shutdown(SHUT_RDWR)``: on Linux it wakes a
-  thread blocked in ``recv``, which returns 0, and one blocked in ``send``, with ``EPIPE``), so a
-  peer that neither reads nor closes cannot keep the bridge open.
+  the close frame before the peer reads it. ``CLOSE_FLUSH_TIMEOUT`` after the first thread ends,
+  a refusal, or both close frames having passed (RFC 6455 5.5.1: nothing may follow them), both
+  connections are cut (``shutdown(SHUT_RDWR)``, which on Linux wakes a thread blocked in ``recv``
+  or ``poll``), so peers that neither read nor close cannot keep the bridge open.
 
-Each socket is written by one thread only (the one relaying *towards* it), so frames never
-interleave. Everything that touches Jupyter's state (activity, the end of the bridge) is handed
-to the event loop with ``call_soon_threadsafe``.
+Each socket is written by one thread only (the one relaying *towards* it) or, for our close
+frame, by a thread holding that direction's lock, so frames never interleave. What touches
+Jupyter's state (activity, the end of the bridge) is handed to the event loop with
+``call_soon_threadsafe``; the last thread to end closes both sockets itself, so nothing stays
+open if Jupyter's loop has already stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import threading
 import time
 from collections.abc import Callable
 
-from tornado.iostream import IOStream
-
 from .ws_frames import CLOSE_TOO_BIG, FrameScanner, close_frame
-from .ws_transport import CLOSE_FLUSH_TIMEOUT, MAX_READ_SIZE, new_buffer, take_over
+from .ws_transport import CLOSE_FLUSH_TIMEOUT, MAX_READ_SIZE, Taken, new_buffer
 
 # A thread tells the event loop about browser messages (activity) at most this often, seconds:
 # each call wakes the loop, which must not happen per message.
 ACTIVITY_INTERVAL = 1.0
+# What poll reports when the source has hung up (FIN: POLLRDHUP; reset: POLLERR/POLLHUP).
+_HUNG_UP = select.POLLRDHUP | select.POLLERR | select.POLLHUP
 
 
 class _Direction:
@@ -77,11 +83,10 @@ class _Direction:
 class ThreadBridge:
     """Relays a websocket between the browser and the backend on two threads.
 
-    ``registry`` holds the running thread bridges of one Jupyter server while they run (the
-    handler uses the event-loop bridge once there are ``LiberTEMProxy.websocket_threads`` of
-    them; the extension aborts them when Jupyter stops, so no thread stays blocked in ``recv``
-    on a browser connection after Jupyter's event loop has gone). ``finished`` resolves on the
-    event loop once both threads have ended and both sockets are closed.
+    ``registry`` holds the running thread bridges of one Jupyter server (the handler uses the
+    event-loop bridge once there are ``LiberTEMProxy.websocket_threads`` of them; the extension
+    aborts them when Jupyter stops). ``finished`` resolves on the event loop once both threads
+    have ended and both sockets are closed.
     """
 
     def __init__(
@@ -96,24 +101,26 @@ class ThreadBridge:
         self._loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = self._loop.create_future()
         self.refusing: tuple[int, str] | None = None  # our close frame, once one is due
-        self._socks: tuple[socket.socket, socket.socket] | None = None
+        self._socks: tuple[socket.socket, socket.socket] = ()  # type: ignore[assignment]
         self._directions: tuple[_Direction, _Direction] = ()  # type: ignore[assignment]
+        self._lock = threading.Lock()  # guards _ended and _closed
         self._ended = 0
+        self._closed = False
+        self._go = threading.Event()
+        self._cancelled = False
         self._threads: list[threading.Thread] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    async def start(self, browser: IOStream, backend: IOStream) -> None:
-        """Take both connections over from tornado and start the two threads."""
-        try:
-            browser_sock, browser_early = take_over(browser)
-            backend_sock, backend_early = take_over(backend)
-        except OSError:
-            browser.close()
-            backend.close()
-            raise
-        self._socks = (browser_sock, backend_sock)
+    def start(self, browser: Taken, backend: Taken) -> bool:
+        """Relay the two taken-over connections (``ws_transport.take_over``) on two threads.
+
+        Returns False, with the sockets untouched, if the machine gives no thread (a limit on
+        processes or memory): the caller relays them on the event loop instead.
+        """
+        (browser_sock, browser_early), (backend_sock, backend_early) = browser, backend
         limit = self.max_message_size
-        self._directions = directions = (
+        self._socks = (browser_sock, backend_sock)
+        self._directions = (
             _Direction(
                 browser_sock,
                 backend_sock,
@@ -129,74 +136,85 @@ class ThreadBridge:
                 from_browser=False,
             ),
         )
+        try:
+            for d in self._directions:
+                name = "libertem websocket " + (
+                    "browser->LiberTEM" if d.from_browser else "LiberTEM->browser"
+                )
+                thread = threading.Thread(target=self._run, args=(d,), name=name)
+                thread.daemon = True  # one blocked in recv must not hold up Python's exit
+                thread.start()
+                self._threads.append(thread)
+        except RuntimeError:  # "can't start new thread"
+            self._cancelled = True
+            self._go.set()
+            for thread in self._threads:
+                thread.join()
+            return False
         for sock in self._socks:
             sock.setblocking(True)
         self._registry.add(self)
-        started = 0
-        try:
-            for direction in directions:
-                name = "libertem websocket " + (
-                    "browser->LiberTEM" if direction.from_browser else "LiberTEM->browser"
-                )
-                # daemon: a thread blocked in recv must not hold up Python's exit
-                thread = threading.Thread(target=self._run, args=(direction,), name=name)
-                thread.daemon = True
-                thread.start()
-                self._threads.append(thread)
-                started += 1
-        except RuntimeError:  # no thread could be started (a limit of the machine)
-            self._shut_all()
-            for _ in range(2 - started):
-                self._thread_ended()
-            raise
+        self._go.set()  # the threads wait for this: the sockets are blocking now
+        return True
 
     def abort(self) -> None:
-        """Hang up both sides now (the handler was cancelled); the threads end by themselves."""
-        if not self.finished.done():
-            self._shut_all()
+        """Hang up both sides now (the handler was cancelled, Jupyter stops); the threads end
+        by themselves."""
+        self._shut_all()
 
     # ------------------------------------------------------------------ in the threads
 
     def _run(self, d: _Direction) -> None:
+        self._go.wait()
+        if self._cancelled:
+            return
         try:
             self._relay(d)
-            self._drain(d)
+            self._stop_sending(d)
+            if self.refusing is not None:
+                self._drain(d)
         except OSError:
             pass  # a side is gone (reset, or shut down by the timer or ``abort``)
         finally:
             self._stop_sending(d)
-            try:
-                self._loop.call_soon_threadsafe(self._thread_ended)
-            except RuntimeError:
-                pass  # Jupyter's loop is closed: Jupyter is exiting, nobody waits for us
+            self._thread_ended()
 
     def _relay(self, d: _Direction) -> None:
         """Forward what ``src`` sends until it ends or a refusal ends the websocket."""
         buffer = new_buffer(MAX_READ_SIZE)
         scanner = d.scanner
+        other = self._directions[1] if d is self._directions[0] else self._directions[0]
         held = 0
         early = memoryview(d.early)
         messages = 0
         noted = 0.0
-        while self.refusing is None:
+        close_seen = False
+        while True:
             if len(early):
                 n = min(len(early), MAX_READ_SIZE - held)
                 buffer[held : held + n] = early[:n]
                 early = early[n:]
             else:
                 n = d.src.recv_into(buffer[held:])
-                if not n or self.refusing is not None:  # refused meanwhile: dropped (_drain)
+                if not n:
                     return
+            if self.refusing is not None:  # refused meanwhile: finish the frame under way
+                left = scanner.payload_left
+                if not left:
+                    return
+                n = min(n, left)
             end = held + n
             with d.lock:
-                if d.stopped:  # refused by the other thread meanwhile
+                if d.stopped:
                     return
                 ready = scanner.feed(buffer, end)
                 if ready:
-                    d.dst.sendall(buffer[:ready])
+                    self._send(d, buffer[:ready])
             if scanner.error is not None:
                 self._refuse(scanner.error, d)
                 return
+            if self.refusing is not None and scanner.at_frame_boundary:
+                return  # the frame under way is complete: our close frame follows it
             held = end - ready
             if held:
                 buffer[:held] = bytes(buffer[ready:end])
@@ -205,7 +223,37 @@ class ThreadBridge:
                 now = time.monotonic()
                 if now - noted >= ACTIVITY_INTERVAL:
                     noted = now
-                    self._loop.call_soon_threadsafe(self._on_browser_message)
+                    self._call(self._on_browser_message)
+            if scanner.closed and not close_seen:
+                close_seen = True
+                if other.scanner.closed:  # both close frames have passed: nothing may follow
+                    self._call(self._start_timer)
+
+    def _send(self, d: _Direction, data: memoryview) -> None:
+        """Send all of ``data`` to ``dst``. Usually one ``send``; when ``dst`` does not take it
+        all, wait for it with ``poll``, watching ``src`` too: a source that hangs up while we
+        wait ends the bridge (after ``CLOSE_FLUSH_TIMEOUT`` if ``dst`` still does not read),
+        where a plain blocking ``sendall`` would wait for ``dst`` alone, possibly for ever."""
+        try:
+            sent = d.dst.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+        poller = select.poll()
+        poller.register(d.dst, select.POLLOUT)
+        poller.register(d.src, select.POLLRDHUP)
+        src = d.src.fileno()
+        while data:
+            for fd, events in poller.poll():
+                if fd == src and events & _HUNG_UP:
+                    poller.unregister(src)  # once is enough (the state stays reported)
+                    self._call(self._start_timer)
+            try:
+                data = data[d.dst.send(data, socket.MSG_DONTWAIT) :]
+            except BlockingIOError:
+                pass
 
     def _refuse(self, error: tuple[int, str], d: _Direction) -> None:
         code, reason = error
@@ -214,33 +262,32 @@ class ThreadBridge:
             reason = f"message from {sender} larger than {self.max_message_size} bytes"
         self.refusing = (code, reason)
         self._stop_sending(d)
-        # the other direction's destination is our source: tell it at once too, unless the
-        # other thread is sending to it right now (then it does so itself when it is done)
+        self._call(self._start_timer)
+        # The other direction's destination is our source: give it our close frame now if
+        # its stream is between frames and its thread is not sending to it right now; else
+        # that thread does it itself once the frame under way is complete.
         other = self._directions[1] if d is self._directions[0] else self._directions[0]
         if other.lock.acquire(blocking=False):
             try:
-                self._stop_sending(other, locked=True)
+                if other.scanner.at_frame_boundary:
+                    self._stop_sending(other, locked=True)
             finally:
                 other.lock.release()
-        self._loop.call_soon_threadsafe(self._start_timer)
 
     def _drain(self, d: _Direction) -> None:
         """After a refusal: read and drop what ``src`` still sends, until it closes.
 
         Closing a socket with unread bytes makes the kernel answer with a reset instead of FIN,
-        and a reset can destroy our close frame before the peer reads it (the property test of
-        test_ws_bridges found that: a browser frame after the refused one reset the browser's
-        connection). The timer bounds how long a peer may keep sending.
+        and a reset can destroy our close frame before the peer reads it (test_ws_bridges
+        found it: a browser frame after the refused one reset the browser's connection).
         """
-        if self.refusing is None:
-            return
         scrap = bytearray(64 * 1024)
         while d.src.recv_into(scrap):
             pass
 
     def _stop_sending(self, d: _Direction, locked: bool = False) -> None:
-        """Nothing more goes to ``dst``: our close frame if one is due and fits, then FIN after
-        what was forwarded (``shutdown(SHUT_WR)``). Once only per direction."""
+        """Nothing more goes to ``dst``: our close frame if one is due and ``dst`` is between
+        frames, then FIN after what was forwarded (``shutdown(SHUT_WR)``). Once per direction."""
         if not locked:
             with d.lock:
                 self._stop_sending(d, locked=True)
@@ -257,6 +304,27 @@ class ThreadBridge:
                 pass
         _shutdown(d.dst, socket.SHUT_WR)
 
+    def _thread_ended(self) -> None:
+        """The last thread to end closes both sockets, here (Jupyter's loop may be gone)."""
+        with self._lock:
+            self._ended += 1
+            last = self._ended == 2
+            if last:
+                self._closed = True
+                for sock in self._socks:
+                    sock.close()
+        if not last:
+            self._call(self._start_timer)
+            return
+        self._registry.discard(self)
+        self._call(self._finish)
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            pass  # Jupyter's loop is closed: Jupyter is exiting, nobody waits for us
+
     # ------------------------------------------------------------------ on the event loop
 
     def _start_timer(self) -> None:
@@ -265,26 +333,19 @@ class ThreadBridge:
         if self._timer is None and not self.finished.done():
             self._timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._shut_all)
 
-    def _thread_ended(self) -> None:
-        self._ended += 1
-        if self._ended == 1:
-            self._start_timer()
-            return
+    def _finish(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for thread in self._threads:  # both have told us they are done: only returns remain
+        for thread in self._threads:  # both have ended their work: only returns remain
             thread.join(CLOSE_FLUSH_TIMEOUT)
-        assert self._socks is not None
-        for sock in self._socks:
-            sock.close()
-        self._registry.discard(self)
         if not self.finished.done():
             self.finished.set_result(None)
 
     def _shut_all(self) -> None:
-        if self._socks is not None:
-            for sock in self._socks:
-                _shutdown(sock)
+        with self._lock:  # never on a closed socket (its descriptor may be reused already)
+            if not self._closed:
+                for sock in self._socks:
+                    _shutdown(sock)
 
 
 def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:

@@ -6,6 +6,7 @@ the threaded one of ``ws_threads``.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import socket
 
@@ -24,10 +25,15 @@ FIRST_READ_SIZE = 64 * 1024
 MAX_READ_SIZE = 1024 * 1024 + FIRST_READ_SIZE
 
 
-def take_over(stream: IOStream) -> tuple[socket.socket, bytes]:
+# A connection taken over from tornado: its own socket and what tornado had read past the
+# handshake.
+Taken = tuple[socket.socket, bytes]
+
+
+def take_over(stream: IOStream) -> tuple[socket.socket | None, bytes]:
     """Move a connection from a tornado IOStream to a non-blocking socket of its own (for asyncio
     or a relay thread), with the bytes tornado had already read past the handshake (they must
-    not be lost).
+    not be lost). The socket is None if the peer has closed the connection already.
 
     tornado has no public way to hand a socket over, so: take whatever is buffered (a read of
     everything available resolves at once; a read that would wait means nothing was buffered),
@@ -41,6 +47,8 @@ def take_over(stream: IOStream) -> tuple[socket.socket, bytes]:
         read = None
     if read is not None and read.done() and read.exception() is None:  # type: ignore[attr-defined]
         buffered = read.result()  # type: ignore[attr-defined]
+    if stream.socket is None:  # the peer closed meanwhile and tornado let the socket go
+        return None, buffered
     sock = stream.socket.dup()
     stream.close()  # a pending read ends with StreamClosedError; tornado silences it
     sock.setblocking(False)
@@ -67,3 +75,26 @@ def new_buffer(size: int) -> memoryview:
     system when it is dropped (freed heap blocks between other allocations stay resident: the
     soak test saw Jupyter's RSS grow by 30 MiB over 1,400 websockets with bytearrays)."""
     return memoryview(mmap.mmap(-1, size))
+
+
+async def take_over_both(browser: IOStream, backend: IOStream) -> tuple[Taken, Taken] | None:
+    """Take the backend's connection, then the browser's; None if either has closed meanwhile
+    (then both are closed: the websocket ended as it began).
+
+    What a backend sent before it closed (its last frames, a close frame) still goes to the
+    browser, whose stream is still tornado's at that point.
+    """
+    backend_sock, backend_early = take_over(backend)
+    if backend_sock is None:
+        try:
+            if backend_early:
+                await asyncio.wait_for(browser.write(backend_early), CLOSE_FLUSH_TIMEOUT)
+        except (StreamClosedError, asyncio.TimeoutError):
+            pass
+        browser.close()
+        return None
+    browser_sock, browser_early = take_over(browser)
+    if browser_sock is None:
+        backend_sock.close()
+        return None
+    return (browser_sock, browser_early), (backend_sock, backend_early)

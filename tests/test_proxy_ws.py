@@ -202,3 +202,23 @@ async def test_websockets_beyond_websocket_threads_use_the_event_loop(client, su
     second.close()
     third.close()
     await _settled(supervisor, 0, 0)
+
+
+async def test_no_thread_to_spare_relays_on_the_event_loop(client, supervisor, monkeypatch):
+    """The machine gives no thread (``RuntimeError: can't start new thread`` under a limit on
+    processes, simulated here): the websocket is relayed on the event loop instead of being
+    dropped right after its 101 (found by the red team of issue 17)."""
+    real_start = threading.Thread.start
+
+    def refusing_start(self: threading.Thread) -> None:
+        if self.name.startswith("libertem websocket"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing_start)
+    ws = await client.websocket()
+    await ws.write_message("still relayed")
+    assert await asyncio.wait_for(ws.read_message(), 10) == "still relayed"
+    await _settled(supervisor, 1, 0)
+    ws.close()
+    await _settled(supervisor, 0, 0)

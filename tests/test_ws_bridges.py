@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +42,11 @@ from libertem_jupyter_proxy.ws_frames import (
 )
 from libertem_jupyter_proxy.ws_proxy import _Bridge, _StreamBridge
 from libertem_jupyter_proxy.ws_threads import ThreadBridge
+from libertem_jupyter_proxy.ws_transport import take_over_both
 
 from .helpers import run_on_private_loop
 
-BRIDGES = {"threads": ThreadBridge, "transports": _Bridge, "iostreams": _StreamBridge}
+BRIDGES = ("threads", "transports", "iostreams")
 LIMIT = 256 * 1024  # largest message relayed in these tests
 THREAD_NAME = "libertem websocket"
 
@@ -103,10 +106,21 @@ async def _send(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None:
         await asyncio.sleep(0)  # let the other side and the relay run between pieces
 
 
-def _bridge(kind: str, note: Callable[[], None]) -> Any:
+async def _start(kind: str, browser: IOStream, backend: IOStream, note: Callable[[], None]) -> Any:
+    """Start a relay of ``kind`` on the two connections, the way the handler does."""
+    if kind == "iostreams":
+        bridge: Any = _StreamBridge(LIMIT, note)
+        await bridge.start(browser, backend)
+        return bridge
+    taken = await take_over_both(browser, backend)
+    assert taken is not None
     if kind == "threads":
-        return ThreadBridge(LIMIT, note, set())
-    return BRIDGES[kind](LIMIT, note)
+        bridge = ThreadBridge(LIMIT, note, set())
+        assert bridge.start(*taken)
+    else:
+        bridge = _Bridge(LIMIT, note)
+        await bridge.start(*taken)
+    return bridge
 
 
 def _relay_threads() -> list[threading.Thread]:
@@ -133,8 +147,7 @@ async def _run(
 
     b_reader, b_writer, b_stream = await _connection()
     l_reader, l_writer, l_stream = await _connection()
-    bridge = _bridge(kind, note)
-    await bridge.start(b_stream, l_stream)
+    bridge = await _start(kind, b_stream, l_stream, note)
     want_backend = sum(map(len, from_browser))
     want_browser = sum(map(len, from_backend))
 
@@ -246,8 +259,7 @@ def test_either_side_hanging_up_ends_the_relay_and_its_threads(kind: str, who: s
     async def run() -> bytes:
         b_reader, b_writer, b_stream = await _connection()
         l_reader, l_writer, l_stream = await _connection()
-        bridge = _bridge(kind, lambda: None)
-        await bridge.start(b_stream, l_stream)
+        bridge = await _start(kind, b_stream, l_stream, lambda: None)
         gone, stays = (b_writer, l_reader) if who == "browser" else (l_writer, b_reader)
         gone.write(_frame(OP_TEXT, b"last", masked=who == "browser"))
         await gone.drain()
@@ -272,8 +284,7 @@ def test_a_peer_that_stops_reading_stops_the_other_sides_reading() -> None:
     async def run() -> int:
         _, b_writer, b_stream = await _connection()
         _, l_writer, l_stream = await _connection()
-        bridge = _bridge("threads", lambda: None)
-        await bridge.start(b_stream, l_stream)
+        bridge = await _start("threads", b_stream, l_stream, lambda: None)
         chunk = _frame(OP_BINARY, b"z" * (128 << 10), masked=False)  # within LIMIT
         l_writer.transport.set_write_buffer_limits(high=0)
         sent = 0
@@ -292,3 +303,147 @@ def test_a_peer_that_stops_reading_stops_the_other_sides_reading() -> None:
     sent = run_on_private_loop(run, timeout=120)
     assert sent < 512, "the backend could write 64 MiB into a relay whose browser reads nothing"
     assert not _relay_threads()
+
+
+# ---------------------------------------------------------------- found by the red team (issue 17)
+
+
+@pytest.fixture
+def quick_cut(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A short ``CLOSE_FLUSH_TIMEOUT`` (the relays' time limit for ending), so a test can wait
+    for a relay that ends by it; a relay that never ends still fails the test."""
+    from libertem_jupyter_proxy import ws_proxy, ws_threads
+
+    for module in (ws_proxy, ws_threads):
+        monkeypatch.setattr(module, "CLOSE_FLUSH_TIMEOUT", 0.5)
+    return 0.5
+
+
+@pytest.mark.usefixtures("quick_cut")
+@pytest.mark.parametrize("kind", ["threads", "transports"])
+def test_a_finished_close_handshake_ends_the_relay(kind: str) -> None:
+    """Both close frames have passed, but libertem-server keeps its TCP connection open and the
+    browser waits for the server to close first (RFC 6455 7.1.1): the relay ends anyway, its
+    time limit after the second close frame (it stayed for as long as both waited)."""
+
+    async def run() -> None:
+        b_reader, b_writer, b_stream = await _connection()
+        l_reader, l_writer, l_stream = await _connection()
+        bridge = await _start(kind, b_stream, l_stream, lambda: None)
+        closing = (1000).to_bytes(2, "big") + b"bye"
+        b_writer.write(_frame(OP_CLOSE, closing, masked=True))
+        await b_writer.drain()
+        assert (await asyncio.wait_for(l_reader.readexactly(6 + len(closing)), 10))[0] == 0x88
+        l_writer.write(_frame(OP_CLOSE, closing, masked=False))  # the answer; no TCP close
+        await l_writer.drain()
+        assert (await asyncio.wait_for(b_reader.readexactly(2 + len(closing)), 10))[0] == 0x88
+        await asyncio.wait_for(bridge.finished, 20)
+        b_writer.close()
+        l_writer.close()
+
+    run_on_private_loop(run, timeout=60)
+    assert not _relay_threads()
+
+
+async def _fill(writer: asyncio.StreamWriter, frame: bytes) -> None:
+    """Write ``frame`` again and again until the way is full (a write does not drain in 1 s)."""
+    writer.transport.set_write_buffer_limits(high=0)
+    for _ in range(2048):
+        writer.write(frame)
+        try:
+            await asyncio.wait_for(writer.drain(), 1)
+        except asyncio.TimeoutError:
+            return
+    raise AssertionError("the relay took 2048 frames from a side whose peer reads nothing")
+
+
+@pytest.mark.usefixtures("quick_cut")
+@pytest.mark.parametrize("who", ["browser", "backend"])
+def test_a_side_reset_while_the_relay_waits_to_send_to_the_other_ends_it(who: str) -> None:
+    """libertem-server's connection is reset while the browser reads nothing, or the browser's
+    while libertem-server reads nothing: the thread waiting to send watches its source, sees
+    the reset, and the relay ends within its time limit. (A blocking ``sendall`` waited for the
+    reader alone; the event-loop relay still does: its transport's reading is paused by the
+    backpressure, so it sees no reset either.) A plain close (FIN) cannot be seen this way: it
+    waits in the kernel behind the data nobody reads, as for any proxy."""
+
+    async def run() -> None:
+        _, b_writer, b_stream = await _connection()
+        _, l_writer, l_stream = await _connection()
+        sender, reader = (l_writer, b_writer) if who == "backend" else (b_writer, l_writer)
+        reader.transport.pause_reading()  # this side reads nothing from now on
+        bridge = await _start("threads", b_stream, l_stream, lambda: None)
+        await _fill(sender, _frame(OP_BINARY, b"r" * (128 << 10), masked=who == "browser"))
+        sock = sender.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sender.transport.abort()  # closed with SO_LINGER 0: a reset
+        await asyncio.wait_for(bridge.finished, 20)
+        reader.transport.abort()
+
+    run_on_private_loop(run, timeout=90)
+    assert not _relay_threads()
+
+
+def test_a_refusal_waits_for_the_frame_under_way_to_the_other_side() -> None:
+    """The browser sends a message over the limit while libertem-server is in the middle of a
+    frame to it: the browser gets the rest of that frame, then the 1009 close frame (it was
+    hung up on without one, an abnormal 1006 for the GUI)."""
+
+    async def run() -> bytes:
+        b_reader, b_writer, b_stream = await _connection()
+        l_reader, l_writer, l_stream = await _connection()
+        bridge = await _start("threads", b_stream, l_stream, lambda: None)
+        result = _frame(OP_BINARY, b"R" * 100_000, masked=False)
+        l_writer.write(result[:30_000])
+        await l_writer.drain()
+        assert await asyncio.wait_for(b_reader.readexactly(30_000), 10) == result[:30_000]
+        b_writer.write(frame_header(OP_BINARY, LIMIT + 1, mask=b"abcd"))
+        await b_writer.drain()
+        # the backend learns first (its close frame); only then does the rest come
+        assert _close_code(await asyncio.wait_for(l_reader.read(), 10), masked=True) == 1009
+        l_writer.write(result[30_000:])
+        await l_writer.drain()
+        rest = await asyncio.wait_for(b_reader.read(), 10)
+        b_writer.close()
+        l_writer.close()
+        await asyncio.wait_for(bridge.finished, 20)
+        return rest
+
+    rest = run_on_private_loop(run, timeout=60)
+    frame_rest = _frame(OP_BINARY, b"R" * 100_000, masked=False)[30_000:]
+    assert rest[: len(frame_rest)] == frame_rest
+    assert _close_code(rest[len(frame_rest) :], masked=False) == 1009
+
+
+@pytest.mark.parametrize("gone", ["backend", "browser"])
+def test_a_side_that_closed_during_the_handover_ends_the_websocket_quietly(gone: str) -> None:
+    """libertem-server answers the upgrade and is gone at once (a restart at that moment), or
+    the browser goes: the handover gives up without an error (tornado may have let the socket
+    go already: ``AttributeError`` from ``None.dup()`` reached Jupyter's log after the 101),
+    and what the backend sent before it went still reaches the browser."""
+    last = _frame(OP_CLOSE, (1001).to_bytes(2, "big"), masked=False)
+
+    async def run() -> bytes:
+        b_reader, b_writer, b_stream = await _connection()
+        l_reader, l_writer, l_stream = await _connection()
+        closing, stream = (l_writer, l_stream) if gone == "backend" else (b_writer, b_stream)
+        if gone == "backend":
+            closing.write(last)
+        closing.close()
+        # the close has arrived (tornado notices it when the handover reads)
+        await asyncio.to_thread(select.select, [stream.socket], [], [], 10)
+        taken = await take_over_both(b_stream, l_stream)
+        if taken is not None:  # the close came just after the handover: relayed as usual
+            bridge = ThreadBridge(LIMIT, lambda: None, set())
+            assert bridge.start(*taken)
+        other = b_reader if gone == "backend" else l_reader
+        got = await asyncio.wait_for(other.read(), 10)
+        if taken is not None:
+            await asyncio.wait_for(bridge.finished, 20)
+        b_writer.close()
+        l_writer.close()
+        return got
+
+    got = run_on_private_loop(run, timeout=60)
+    # the backend's close frame reached the browser; the browser's end reached the backend
+    assert got == (last if gone == "backend" else b"")
