@@ -49,6 +49,10 @@ from .helpers import run_on_private_loop
 BRIDGES = ("threads", "transports", "iostreams")
 LIMIT = 256 * 1024  # largest message relayed in these tests
 THREAD_NAME = "libertem websocket"
+# each example starts real relays on real sockets: slow and large by hypothesis' measures
+_RELAY_RUNS = settings(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 def _frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool) -> bytes:
@@ -170,11 +174,7 @@ async def _run(
     return Run(got_backend, got_browser, noted)
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@settings(_RELAY_RUNS, max_examples=25)
 @given(
     browser=_messages(masked=True),
     backend=_messages(masked=False),
@@ -221,11 +221,7 @@ _REFUSED = {
 }
 
 
-@settings(
-    max_examples=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@settings(_RELAY_RUNS, max_examples=15)
 @given(
     before=_messages(masked=True),
     refused=st.sampled_from(sorted(_REFUSED)),
