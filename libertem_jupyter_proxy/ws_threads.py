@@ -51,8 +51,10 @@ from .ws_transport import CLOSE_FLUSH_TIMEOUT, MAX_READ_SIZE, Taken, new_buffer
 # A thread tells the event loop about browser messages (activity) at most this often, seconds:
 # each call wakes the loop, which must not happen per message.
 ACTIVITY_INTERVAL = 1.0
-# What poll reports when the source has hung up (FIN: POLLRDHUP; reset: POLLERR/POLLHUP).
-_HUNG_UP = select.POLLRDHUP | select.POLLERR | select.POLLHUP
+# What poll reports when the source has hung up (FIN: POLLRDHUP, Linux only; a reset:
+# POLLERR/POLLHUP, reported whether asked for or not).
+_RDHUP = getattr(select, "POLLRDHUP", 0)
+_HUNG_UP = _RDHUP | select.POLLERR | select.POLLHUP
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
@@ -251,7 +253,7 @@ class ThreadBridge:
         nobody reads: it cannot be seen, here or in any proxy.)"""
         poller = select.poll()
         poller.register(d.dst, select.POLLOUT)
-        poller.register(d.src, select.POLLRDHUP)
+        poller.register(d.src, _RDHUP)
         src = d.src.fileno()
         while data:
             for fd, events in poller.poll():
