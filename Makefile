@@ -76,7 +76,8 @@ LOWEST_VENV ?= .venv-lowest
 LOWEST_TESTS := tests/test_lifecycle.py tests/test_lifecycle_intent.py tests/test_lifecycle_model.py \
 	tests/test_splice.py tests/test_upload_takeover.py tests/test_body_integrity.py \
 	tests/test_http_regressions.py tests/test_ws_relay.py tests/test_upstream_client.py \
-	tests/test_upload_client.py tests/test_upload_regressions.py
+	tests/test_upload_client.py tests/test_upload_regressions.py tests/test_ws_bridges.py \
+	tests/test_proxy_ws.py tests/test_ws_transport.py
 test-lowest:
 	test -x $(LOWEST_VENV)/bin/python || python3 -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --quiet $$(python3 .ci/lowest_pins.py) \
