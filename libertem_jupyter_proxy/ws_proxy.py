@@ -132,6 +132,7 @@ class _Side(asyncio.BufferedProtocol):
         self.held = 0  # buffer[:held] is an incomplete frame header, waiting for the rest
         self.early: list[bytes] = []  # what arrived before the bridge started
         self.lost = False
+        self.finishing = False  # FIN sent after a refusal (see finish)
         self._abort_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,11 +194,20 @@ class _Side(asyncio.BufferedProtocol):
             self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
     def close_later(self) -> None:
-        """Both close frames have passed: the peers are expected to close the connection; if
-        they do not within the time limit, it is cut."""
+        """The websocket is over (both close frames have passed, or a refusal waits for the
+        frame under way): cut the connection if it is still open after the time limit, and
+        all that was queued for it has left (a slow reader still gets all of it)."""
         if self._abort_timer is None and not self.lost:
             loop = asyncio.get_running_loop()
-            self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
+            self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self._cut_when_sent)
+
+    def _cut_when_sent(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.lost and transport.get_write_buffer_size():
+            loop = asyncio.get_running_loop()
+            self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self._cut_when_sent)
+        else:
+            self.abort()
 
     def finish(self) -> None:
         """After a refusal: FIN once what is queued has left, but read on (``relay`` drops what
@@ -205,16 +215,18 @@ class _Side(asyncio.BufferedProtocol):
         is answered with a reset, which can destroy our close frame before the peer reads it
         (found by test_ws_bridges: a browser frame after the refused one reset the browser)."""
         transport = self.transport
-        if transport is None or self.lost:
+        if transport is None or self.lost or self.finishing:
             return
+        self.finishing = True
         if transport.can_write_eof():
             transport.write_eof()
         else:
             transport.close()
         transport.resume_reading()  # it may be paused by the other side's backpressure
-        if self._abort_timer is None:
-            loop = asyncio.get_running_loop()
-            self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._abort_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
@@ -237,6 +249,7 @@ class _Bridge:
         self._browser_messages = 0
         self.started = False
         self.refusing = False  # we sent our own close frames: relay nothing more
+        self.close_frame: tuple[int, str] = (0, "")  # our close frame's code and reason
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, browser: Taken, backend: Taken) -> None:
@@ -268,6 +281,7 @@ class _Bridge:
         """``side.buffer[:end]`` came from ``side``: pass on whole frames and frame pieces,
         keep an incomplete header for later, refuse what the scanner refuses."""
         if self.refusing:
+            self._finish_frame(side, end)
             return
         scanner = side.scanner
         view = side.buffer
@@ -298,19 +312,46 @@ class _Bridge:
                 one.close_later()
 
     def refuse(self, error: tuple[int, str], from_browser: bool) -> None:
-        """Close both sides with our own close frame (1009, 1002). A side gets the frame only
-        when its stream is at a frame boundary; otherwise it is just hung up."""
+        """Close both sides with our own close frame (1009, 1002). A side in the middle of
+        receiving a frame first gets the rest of it (``_finish_frame``); a side that was sent a
+        close frame already gets no second one (RFC 6455 5.5.1)."""
         self.refusing = True
         code, reason = error
         if code == CLOSE_TOO_BIG:
             sender = "browser" if from_browser else "LiberTEM"
             reason = f"message from {sender} larger than {self.max_message_size} bytes"
+        self.close_frame = (code, reason)
         for side in (self.browser, self.backend):
             peer = side.peer
             assert peer is not None
-            if side.transport is not None and not side.lost and peer.scanner.at_frame_boundary:
-                side.transport.write(close_frame(code, reason, masked=side.masked))
-            side.finish()
+            if peer.scanner.at_frame_boundary:
+                self._close_side(side)
+            else:  # the rest of the frame under way first, within the time limit
+                side.close_later()
+
+    def _close_side(self, side: _Side) -> None:
+        """Our close frame to ``side`` unless it had one, then FIN, reading on (``finish``)."""
+        peer = side.peer
+        assert peer is not None
+        if side.transport is not None and not side.lost and not peer.scanner.closed:
+            side.transport.write(close_frame(*self.close_frame, masked=side.masked))
+        side.finish()
+
+    def _finish_frame(self, side: _Side, end: int) -> None:
+        """After a refusal: of what ``side`` sends, pass on only the rest of the frame it was
+        in the middle of, then close its peer; drop everything else (read only so that
+        closing does not reset the connection, see ``_Side.finish``)."""
+        peer = side.peer
+        assert peer is not None
+        left = side.scanner.payload_left
+        if not left or peer.finishing:
+            return
+        n = min(left, end)
+        side.scanner.feed(side.buffer, n)
+        if peer.transport is not None and not peer.lost:
+            peer.transport.write(bytes(side.buffer[:n]))
+        if side.scanner.at_frame_boundary:
+            self._close_side(peer)
 
     def side_lost(self) -> None:
         """One connection is gone: close the other; when both are, the bridge is finished."""
@@ -350,6 +391,7 @@ class _StreamBridge:
         self.refusing = False
         self._streams: tuple[IOStream, IOStream] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._cut_timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, browser: IOStream, backend: IOStream) -> None:
@@ -361,7 +403,13 @@ class _StreamBridge:
             asyncio.ensure_future(self._pump(backend, browser, from_browser=False)),
         ]
         done = asyncio.gather(*self._tasks, return_exceptions=True)
-        done.add_done_callback(lambda _: self.finished.done() or self.finished.set_result(None))
+        done.add_done_callback(self._ended)
+
+    def _ended(self, _: object) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+        if not self.finished.done():
+            self.finished.set_result(None)
 
     async def _pump(self, src: IOStream, dst: IOStream, *, from_browser: bool) -> None:
         scanner = self._scanners[from_browser]
@@ -381,6 +429,8 @@ class _StreamBridge:
                 if from_browser and scanner.messages != messages:
                     messages = scanner.messages
                     self._on_browser_message()
+                if scanner.closed and self._scanners[not from_browser].closed:
+                    self._close_later()
         except StreamClosedError:
             pass
         finally:
@@ -408,13 +458,31 @@ class _StreamBridge:
             finally:
                 stream.close()
 
-        # a side gets our frame only if what it received so far ends with a whole frame
+        # a side gets our frame only if what it received so far ends with a whole frame and
+        # it was not sent a close frame already (RFC 6455 5.5.1)
+        to_browser, to_backend = self._scanners[False], self._scanners[True]
         await asyncio.gather(
-            close_one(browser, self._scanners[False].at_frame_boundary, masked=False),
-            close_one(backend, self._scanners[True].at_frame_boundary, masked=True),
+            close_one(browser, to_browser.at_frame_boundary and not to_browser.closed, False),
+            close_one(backend, to_backend.at_frame_boundary and not to_backend.closed, True),
         )
 
+    def _close_later(self) -> None:
+        """Both close frames have passed: if the peers have not closed after the time limit,
+        and nothing is being written any more, cut both connections."""
+        if self._cut_timer is None:
+            loop = asyncio.get_running_loop()
+            self._cut_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self._cut_when_sent)
+
+    def _cut_when_sent(self) -> None:
+        if self._streams is not None and any(s.writing() for s in self._streams):
+            loop = asyncio.get_running_loop()
+            self._cut_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self._cut_when_sent)
+        else:
+            self.abort()
+
     def abort(self) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
         if self._streams is not None:
             for stream in self._streams:
                 stream.close()

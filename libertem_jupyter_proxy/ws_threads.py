@@ -51,17 +51,17 @@ from .ws_transport import CLOSE_FLUSH_TIMEOUT, MAX_READ_SIZE, Taken, new_buffer
 # A thread tells the event loop about browser messages (activity) at most this often, seconds:
 # each call wakes the loop, which must not happen per message.
 ACTIVITY_INTERVAL = 1.0
-# What poll reports when the source has hung up (FIN: POLLRDHUP, Linux only; a reset:
-# POLLERR/POLLHUP, reported whether asked for or not).
-_RDHUP = getattr(select, "POLLRDHUP", 0)
-_HUNG_UP = _RDHUP | select.POLLERR | select.POLLHUP
+# What poll reports, asked or not, when a source was reset (POLLERR) or is shut down both ways
+# (POLLHUP). A FIN (POLLRDHUP) is not a hang-up here: a source may close normally after its
+# last message while that message is still on its way (found by the second red team).
+_HUNG_UP = select.POLLERR | select.POLLHUP
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
 class _Direction:
     """One direction of the bridge: what its thread reads from and writes to."""
 
-    __slots__ = ("dst", "early", "from_browser", "lock", "scanner", "src", "stopped")
+    __slots__ = ("dst", "early", "from_browser", "lock", "scanner", "sending", "src", "stopped")
 
     def __init__(
         self,
@@ -78,6 +78,7 @@ class _Direction:
         self.scanner = scanner  # follows the frames src sends (forwarded to dst)
         self.from_browser = from_browser
         self.stopped = False  # dst has been shut down for writing
+        self.sending = False  # waiting for dst to take the rest of a chunk (_send_rest)
         # held while the scanner follows a chunk and the chunk is sent, so another thread that
         # holds it sees the scanner agree with what dst has received
         self.lock = threading.Lock()
@@ -113,6 +114,7 @@ class ThreadBridge:
         self._cancelled = False
         self._threads: list[threading.Thread] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._waits_for_sends = False  # _timer is _cut_when_sent's (it waits for the sends)
 
     def start(self, browser: Taken, backend: Taken) -> bool:
         """Relay the two taken-over connections (``ws_transport.take_over``) on two threads.
@@ -243,17 +245,25 @@ class ThreadBridge:
             if scanner.closed and not close_seen:
                 close_seen = True
                 if other.scanner.closed:  # both close frames have passed: nothing may follow
-                    self._call(self._start_timer)
+                    self._call(self._cut_when_sent)
 
     def _send_rest(self, d: _Direction, data: memoryview) -> None:
         """Send ``data`` once ``dst`` takes it, waiting with ``poll`` and watching ``src`` too:
-        a source that hangs up meanwhile (a reset) ends the bridge, after
-        ``CLOSE_FLUSH_TIMEOUT`` if ``dst`` still does not read, where a blocking ``sendall``
-        would wait for ``dst`` alone, possibly for ever. (A FIN waits in the kernel behind data
-        nobody reads: it cannot be seen, here or in any proxy.)"""
+        a source that is reset meanwhile ends the bridge, after ``CLOSE_FLUSH_TIMEOUT`` if
+        ``dst`` still does not read, where a blocking ``sendall`` would wait for ``dst`` alone,
+        possibly for ever. (A source's FIN is its normal end; if its peer is gone, the FIN
+        waits in the kernel behind data nobody reads, and cannot be seen, here or in any
+        proxy.)"""
+        d.sending = True
+        try:
+            self._wait_and_send(d, data)
+        finally:
+            d.sending = False
+
+    def _wait_and_send(self, d: _Direction, data: memoryview) -> None:
         poller = select.poll()
         poller.register(d.dst, select.POLLOUT)
-        poller.register(d.src, _RDHUP)
+        poller.register(d.src, 0)  # errors only
         src = d.src.fileno()
         while data:
             for fd, events in poller.poll():
@@ -305,7 +315,8 @@ class ThreadBridge:
         if d.stopped:
             return
         d.stopped = True
-        if self.refusing is not None and d.scanner.at_frame_boundary:
+        scanner = d.scanner
+        if self.refusing is not None and scanner.at_frame_boundary and not scanner.closed:
             frame = close_frame(*self.refusing, masked=d.from_browser)  # masked to the backend
             try:
                 # never waits: a side whose buffers are full is just hung up
@@ -340,7 +351,24 @@ class ThreadBridge:
     def _start_timer(self) -> None:
         """The websocket is ending: in CLOSE_FLUSH_TIMEOUT both connections are cut, whether
         or not the peers have read what was sent and closed their ends."""
+        if self._timer is not None and self._waits_for_sends:  # a hard limit replaces it
+            self._timer.cancel()
+            self._timer = None
+            self._waits_for_sends = False
         if self._timer is None and not self.finished.done():
+            self._timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._shut_all)
+
+    def _cut_when_sent(self) -> None:
+        """Both close frames have passed: cut both connections after the time limit, once no
+        thread is still waiting to send (a slow reader still gets the last messages)."""
+        if self.finished.done() or (self._timer is not None and not self._waits_for_sends):
+            return  # a hard limit runs already (a refusal, a side gone)
+        self._waits_for_sends = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if any(d.sending for d in self._directions):
+            self._timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._cut_when_sent)
+        else:
             self._timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._shut_all)
 
     def _finish(self) -> None:
