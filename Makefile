@@ -77,7 +77,7 @@ LOWEST_TESTS := tests/test_lifecycle.py tests/test_lifecycle_intent.py tests/tes
 	tests/test_splice.py tests/test_upload_takeover.py tests/test_body_integrity.py \
 	tests/test_http_regressions.py tests/test_ws_relay.py tests/test_upstream_client.py \
 	tests/test_upload_client.py tests/test_upload_regressions.py tests/test_ws_bridges.py \
-	tests/test_proxy_ws.py tests/test_ws_transport.py
+	tests/test_proxy_ws.py tests/test_ws_transport.py tests/test_ws_close_rules.py
 test-lowest:
 	test -x $(LOWEST_VENV)/bin/python || python3 -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --quiet $$(python3 .ci/lowest_pins.py) \

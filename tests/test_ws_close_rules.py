@@ -109,7 +109,7 @@ async def _small_connection(
 
 
 @pytest.mark.usefixtures("quick_cut")
-@pytest.mark.parametrize("kind", ["threads"])  # "transports" passes
+@pytest.mark.parametrize("kind", ["threads", "transports"])
 def test_a_backend_that_closes_after_its_last_message_does_not_cut_a_slow_browser(
     kind: str,
 ) -> None:
@@ -146,7 +146,7 @@ def test_a_backend_that_closes_after_its_last_message_does_not_cut_a_slow_browse
 
 
 @pytest.mark.usefixtures("quick_cut")
-@pytest.mark.parametrize("kind", ["transports"])  # "threads" passes (the kernel keeps sending)
+@pytest.mark.parametrize("kind", ["threads", "transports"])
 def test_the_backends_last_messages_after_the_browsers_close_frame_reach_a_slow_browser(
     kind: str,
 ) -> None:
@@ -215,7 +215,7 @@ def _last_frame_is_close(data: bytes, frames: bytes) -> int | None:
 
 # "threads" passes (ThreadBridge finishes the frame under way, then sends its close frame); the
 # event-loop relay, used beyond websocket_threads and when no thread can be started, does not
-@pytest.mark.parametrize("kind", ["transports"])
+@pytest.mark.parametrize("kind", ["threads", "transports"])
 def test_a_refusal_reaches_a_slow_browser_after_the_frame_under_way(kind: str) -> None:
     """libertem-server streams results to a browser on a slow link (the relay waits for the
     browser to take them); the browser then sends a message over the limit. The browser reads
