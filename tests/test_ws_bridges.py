@@ -316,7 +316,7 @@ def quick_cut(monkeypatch: pytest.MonkeyPatch) -> float:
 
 
 @pytest.mark.usefixtures("quick_cut")
-@pytest.mark.parametrize("kind", ["threads", "transports"])
+@pytest.mark.parametrize("kind", BRIDGES)  # iostreams (TLS) had no limit: second red team
 def test_a_finished_close_handshake_ends_the_relay(kind: str) -> None:
     """Both close frames have passed, but libertem-server keeps its TCP connection open and the
     browser waits for the server to close first (RFC 6455 7.1.1): the relay ends anyway, its

@@ -30,59 +30,39 @@ def _fds() -> set[int]:
 
 
 @pytest.mark.parametrize("kind", ["threads", "transports", "iostreams"])
-def test_no_second_close_frame_after_the_backends_close_frame(kind: str) -> None:
-    """libertem-server sends its close frame (1001); before the browser has read it, the browser
-    sends a frame the relay refuses (too big). The browser must not get a second close frame
-    after the backend's (RFC 6455 5.5.1: nothing follows a close frame): it got 1001, then 1009."""
-    bye = _frame(OP_CLOSE, (1001).to_bytes(2, "big") + b"going away", masked=False)
+@pytest.mark.parametrize("closer", ["backend", "browser"])
+def test_no_second_close_frame_after_a_close_frame(kind: str, closer: str) -> None:
+    """One side sends its close frame (libertem-server 1001, or the browser 1000); before the
+    other side answers, it sends a frame the relay refuses (too big). The other side already got
+    the close frame, so our 1009 must not follow it (RFC 6455 5.5.1: nothing follows a close
+    frame); it got 1001 then 1009, or 1000 then 1009."""
+    from_browser = closer == "browser"
+    bye = _frame(OP_CLOSE, (1000 if from_browser else 1001).to_bytes(2, "big"), masked=from_browser)
+    too_big = frame_header(OP_BINARY, LIMIT + 1, mask=None if from_browser else b"abcd")
 
     async def run() -> bytes:
         b_reader, b_writer, b_stream = await _connection()
         l_reader, l_writer, l_stream = await _connection()
         bridge = await _start(kind, b_stream, l_stream, lambda: None)
-        l_writer.write(bye)
-        await l_writer.drain()
-        first = await asyncio.wait_for(b_reader.readexactly(len(bye)), 10)
-        assert first == bye
-        b_writer.write(frame_header(OP_BINARY, LIMIT + 1, mask=b"abcd"))
-        await b_writer.drain()
-        await asyncio.wait_for(l_reader.read(), 10)
-        rest = await asyncio.wait_for(b_reader.read(), 10)
+        (c_writer, o_reader), (o_writer, c_reader) = (
+            ((b_writer, l_reader), (l_writer, b_reader))
+            if from_browser
+            else ((l_writer, b_reader), (b_writer, l_reader))
+        )
+        c_writer.write(bye)
+        await c_writer.drain()
+        assert await asyncio.wait_for(o_reader.readexactly(len(bye)), 10) == bye
+        o_writer.write(too_big)
+        await o_writer.drain()
+        await asyncio.wait_for(c_reader.read(), 10)
+        rest = await asyncio.wait_for(o_reader.read(), 10)
         b_writer.close()
         l_writer.close()
         await asyncio.wait_for(bridge.finished, 20)
         return rest
 
     rest = run_on_private_loop(run, timeout=60)
-    assert rest == b"", f"a second close frame followed the backend's close frame: {rest!r}"
-    assert not _relay_threads()
-
-
-@pytest.mark.parametrize("kind", ["threads", "transports", "iostreams"])
-def test_no_second_close_frame_to_the_backend_after_the_browsers(kind: str) -> None:
-    """The browser closes (1000); libertem-server, before it answers, sends a message over the
-    limit. The backend already has the browser's close frame: a second one (1009) must not
-    follow it."""
-    bye = _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=True)
-
-    async def run() -> bytes:
-        b_reader, b_writer, b_stream = await _connection()
-        l_reader, l_writer, l_stream = await _connection()
-        bridge = await _start(kind, b_stream, l_stream, lambda: None)
-        b_writer.write(bye)
-        await b_writer.drain()
-        assert await asyncio.wait_for(l_reader.readexactly(len(bye)), 10) == bye
-        l_writer.write(frame_header(OP_BINARY, LIMIT + 1))
-        await l_writer.drain()
-        await asyncio.wait_for(b_reader.read(), 10)
-        rest = await asyncio.wait_for(l_reader.read(), 10)
-        b_writer.close()
-        l_writer.close()
-        await asyncio.wait_for(bridge.finished, 20)
-        return rest
-
-    rest = run_on_private_loop(run, timeout=60)
-    assert rest == b"", f"a second close frame followed the browser's close frame: {rest!r}"
+    assert rest == b"", f"a second close frame followed the {closer}'s close frame: {rest!r}"
     assert not _relay_threads()
 
 
@@ -108,6 +88,21 @@ async def _small_connection(
     return reader, writer, IOStream(proxy_end)
 
 
+async def _read_slowly(
+    reader: asyncio.StreamReader, want: int | None = None, pause: float = 0.01
+) -> bytes:
+    """Read like a browser on a slow link: 16 KiB, then a pause (the workload, not a wait for
+    an event), until the end of the connection or ``want`` bytes."""
+    got = bytearray()
+    while want is None or len(got) < want:
+        chunk = await asyncio.wait_for(reader.read(16 << 10), 10)
+        if not chunk:
+            break
+        got += chunk
+        await asyncio.sleep(pause)
+    return bytes(got)
+
+
 @pytest.mark.usefixtures("quick_cut")
 @pytest.mark.parametrize("kind", ["threads", "transports"])
 def test_a_backend_that_closes_after_its_last_message_does_not_cut_a_slow_browser(
@@ -128,16 +123,11 @@ def test_a_backend_that_closes_after_its_last_message_does_not_cut_a_slow_browse
         l_writer.write(sent)
         await l_writer.drain()
         l_writer.close()  # FIN after the close frame, as a server closes first (RFC 6455 7.1.1)
-        got = bytearray()
-        while True:  # about 1.6 MB/s: 2 s for all, longer than the relay's (shortened) limit
-            chunk = await asyncio.wait_for(b_reader.read(16 << 10), 10)
-            if not chunk:
-                break
-            got += chunk
-            await asyncio.sleep(0.01)
+        # about 1.6 MB/s: 2 s for all, longer than the relay's (shortened) limit
+        got = await _read_slowly(b_reader)
         b_writer.close()
         await asyncio.wait_for(bridge.finished, 20)
-        return bytes(got)
+        return got
 
     got = run_on_private_loop(run, timeout=90)
     assert len(got) == len(sent), f"the browser got {len(got)} of {len(sent)} bytes"
@@ -169,17 +159,11 @@ def test_the_backends_last_messages_after_the_browsers_close_frame_reach_a_slow_
         await b_writer.drain()
         assert await asyncio.wait_for(l_reader.readexactly(len(bye)), 10) == bye
         l_writer.write(sent)
-        got = bytearray()
-        while len(got) < len(sent):
-            chunk = await asyncio.wait_for(b_reader.read(16 << 10), 10)
-            if not chunk:
-                break
-            got += chunk
-            await asyncio.sleep(0.01)
+        got = await _read_slowly(b_reader, len(sent))
         b_writer.close()
         l_writer.close()
         await asyncio.wait_for(bridge.finished, 20)
-        return bytes(got)
+        return got
 
     got = run_on_private_loop(run, timeout=90)
     assert len(got) == len(sent), f"the browser got {len(got)} of {len(sent)} bytes"
@@ -235,17 +219,11 @@ def test_a_refusal_reaches_a_slow_browser_after_the_frame_under_way(kind: str) -
         first = await asyncio.wait_for(b_reader.readexactly(64 << 10), 10)
         b_writer.write(frame_header(OP_BINARY, LIMIT + 1, mask=b"abcd"))
         await b_writer.drain()
-        got = bytearray(first)
-        while True:
-            chunk = await asyncio.wait_for(b_reader.read(16 << 10), 10)
-            if not chunk:
-                break
-            got += chunk
-            await asyncio.sleep(0.005)
+        got = first + await _read_slowly(b_reader, pause=0.005)
         b_writer.close()
         l_writer.close()
         await asyncio.wait_for(bridge.finished, 20)
-        return bytes(got)
+        return got
 
     got = run_on_private_loop(run, timeout=90)
     code = _last_frame_is_close(got, frames)
@@ -254,39 +232,6 @@ def test_a_refusal_reaches_a_slow_browser_after_the_frame_under_way(kind: str) -
         "then a 1009 close frame expected"
     )
     assert not _relay_threads()
-
-
-@pytest.mark.usefixtures("quick_cut")
-def test_a_finished_close_handshake_ends_the_tls_relay() -> None:
-    """As test_ws_bridges' ``test_a_finished_close_handshake_ends_the_relay``, for the relay
-    used under Jupyter's own TLS (``_StreamBridge``): both close frames have passed, libertem-
-    server keeps its TCP connection open and the browser waits for it to close first (RFC 6455
-    7.1.1). 71880f7 gave the threads and the transports a time limit for this; the IOStream
-    relay has none and stays for as long as the peers wait for each other."""
-
-    async def run() -> None:
-        b_reader, b_writer, b_stream = await _connection()
-        l_reader, l_writer, l_stream = await _connection()
-        bridge = await _start("iostreams", b_stream, l_stream, lambda: None)
-        closing = (1000).to_bytes(2, "big") + b"bye"
-        b_writer.write(_frame(OP_CLOSE, closing, masked=True))
-        await b_writer.drain()
-        assert (await asyncio.wait_for(l_reader.readexactly(6 + len(closing)), 10))[0] == 0x88
-        l_writer.write(_frame(OP_CLOSE, closing, masked=False))  # the answer; no TCP close
-        await l_writer.drain()
-        assert (await asyncio.wait_for(b_reader.readexactly(2 + len(closing)), 10))[0] == 0x88
-        try:
-            await asyncio.wait_for(asyncio.shield(bridge.finished), 10)
-        except asyncio.TimeoutError:
-            raise AssertionError(
-                "the TLS relay still runs 10 s after both close frames (limit: 0.5 s)"
-            ) from None
-        finally:
-            b_writer.close()
-            l_writer.close()
-            bridge.abort()
-
-    run_on_private_loop(run, timeout=60)
 
 
 @pytest.mark.usefixtures("both_websocket_relays")
