@@ -58,6 +58,16 @@ def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:
     return bytes((0x80 | OP_CLOSE, 0x80 | len(payload))) + key + body
 
 
+def refusal(error: tuple[int, str], *, from_browser: bool, limit: int) -> tuple[int, str]:
+    """The close code and reason for a frame the scanner refused (``FrameScanner.error``); a
+    message over the size limit is told who sent it and what the limit is, in bytes."""
+    code, reason = error
+    if code == CLOSE_TOO_BIG:
+        sender = "browser" if from_browser else "LiberTEM"
+        reason = f"message from {sender} larger than {limit} bytes"
+    return code, reason
+
+
 def frame_header(opcode: int, length: int, *, fin: bool = True, mask: bytes | None = None) -> bytes:
     """A frame header (for tests and for anything that writes frames itself)."""
     first = (0x80 if fin else 0) | opcode

@@ -19,8 +19,9 @@ The handshake is done on tornado IOStreams; then both connections are moved to s
 their own (``ws_transport.take_over``) and relayed by one of three relays with the same rules:
 
 - ``ws_threads.ThreadBridge``, a blocking thread per direction: the fastest for the GUI's small
-  messages (1 KiB round trips: about 57 us of Jupyter CPU, 0.80 of direct; issue 17). Used for
-  up to ``LiberTEMProxy.websocket_threads`` websockets at once.
+  messages (1 KiB round trips: about 80 us of Jupyter CPU and 0.55-0.73 of direct, against
+  110-120 us and 0.49-0.51 on the event loop; issue 17). Used for up to
+  ``LiberTEMProxy.websocket_threads`` websockets at once.
 - ``_Bridge``, asyncio transports on Jupyter's event loop, for websockets beyond that number:
   their read callback hands each chunk straight to us and ``write`` sends at once, where an
   IOStream read is a future, a task wake-up and a re-registration per chunk (about 200 us per
@@ -53,10 +54,10 @@ from .errors import BackendError
 from .headers import WS_HANDSHAKE, strip_token_query
 from .pages import status_for
 from .ws_frames import (
-    CLOSE_TOO_BIG,
     FrameScanner,
     accept_value,
     close_frame,
+    refusal,
     valid_key,
 )
 from .ws_threads import ThreadBridge
@@ -316,11 +317,7 @@ class _Bridge:
         receiving a frame first gets the rest of it (``_finish_frame``); a side that was sent a
         close frame already gets no second one (RFC 6455 5.5.1)."""
         self.refusing = True
-        code, reason = error
-        if code == CLOSE_TOO_BIG:
-            sender = "browser" if from_browser else "LiberTEM"
-            reason = f"message from {sender} larger than {self.max_message_size} bytes"
-        self.close_frame = (code, reason)
+        self.close_frame = refusal(error, from_browser=from_browser, limit=self.max_message_size)
         for side in (self.browser, self.backend):
             peer = side.peer
             assert peer is not None
@@ -443,10 +440,7 @@ class _StreamBridge:
         self.refusing = True
         assert self._streams is not None
         browser, backend = self._streams
-        code, reason = error
-        if code == CLOSE_TOO_BIG:
-            sender = "browser" if from_browser else "LiberTEM"
-            reason = f"message from {sender} larger than {self.max_message_size} bytes"
+        code, reason = refusal(error, from_browser=from_browser, limit=self.max_message_size)
 
         async def close_one(stream: IOStream, boundary: bool, masked: bool) -> None:
             try:

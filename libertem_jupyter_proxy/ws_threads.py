@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .ws_frames import CLOSE_TOO_BIG, FrameScanner, close_frame
+from .ws_frames import FrameScanner, close_frame, refusal
 from .ws_transport import CLOSE_FLUSH_TIMEOUT, MAX_READ_SIZE, Taken, new_buffer
 
 # A thread tells the event loop about browser messages (activity) at most this often, seconds:
@@ -276,11 +276,7 @@ class ThreadBridge:
                 pass
 
     def _refuse(self, error: tuple[int, str], d: _Direction) -> None:
-        code, reason = error
-        if code == CLOSE_TOO_BIG:
-            sender = "browser" if d.from_browser else "LiberTEM"
-            reason = f"message from {sender} larger than {self.max_message_size} bytes"
-        self.refusing = (code, reason)
+        self.refusing = refusal(error, from_browser=d.from_browser, limit=self.max_message_size)
         self._stop_sending(d)
         self._call(self._start_timer)
         # The other direction's destination is our source: give it our close frame now if
