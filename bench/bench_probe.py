@@ -5,6 +5,13 @@ Open file descriptors and RSS can be read from outside with psutil, but a leak o
 benchmark enables this module (``bench/`` on ``PYTHONPATH``) in every Jupyter it starts, ours and
 jupyter-server-proxy's alike, and reads ``GET {base_url}_bench/probe`` with the Jupyter token.
 ``?profile=start`` / ``?profile=stop`` wrap a workload in cProfile (``bench/get_breakdown.py``).
+
+``GET {base_url}_bench/minproxy/<path>`` is the least any proxy inside Jupyter must do for a
+small GET to the running libertem-server (issue 17's small-GET target; get_breakdown.py): an
+authenticated Jupyter handler that sends the request on one kept-open socket, whose reader stays
+registered with the event loop, waits for the whole answer (``Content-Length`` only) and writes
+its status, type and body back. No header is checked, filtered or rewritten, nothing is
+retried, no timeout is kept; it is a lower bound to compare with, not a proxy to use.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import cProfile
 import gc
 import json
 import pstats
+import re
+import socket
 import threading
 import time
 from typing import Any
 
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
@@ -81,6 +90,70 @@ class ProbeHandler(APIHandler):
         )
 
 
+_LENGTH = re.compile(rb"\r\ncontent-length: *([0-9]+)", re.IGNORECASE)
+_TYPE = re.compile(rb"\r\ncontent-type: *([^\r]*)", re.IGNORECASE)
+
+
+class _KeptSocket:
+    """One socket to the backend, its reader registered once; ``answer()`` waits for the next
+    whole answer (head and ``Content-Length`` body)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[bytes] | None = None
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_exception(ConnectionError("backend closed"))
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        m = _LENGTH.search(self.buf, 0, end)
+        total = end + 4 + (int(m.group(1)) if m else 0)
+        if len(self.buf) >= total and self.waiter is not None:
+            answer, self.buf = bytes(self.buf[:total]), self.buf[total:]
+            self.waiter.set_result(answer)
+
+    async def answer(self, request: bytes) -> bytes:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.sock.send(request)
+        return await self.waiter
+
+
+_KEPT: dict[int, _KeptSocket] = {}
+
+
+class MinimalProxyHandler(JupyterHandler):
+    """The lower bound of a small proxied GET inside Jupyter (see the module doc)."""
+
+    @web.authenticated
+    async def get(self, path: str) -> None:
+        run = self.settings["libertem_proxy"].supervisor.run
+        if run is None:
+            raise web.HTTPError(503, "start LiberTEM through /libertem/ first")
+        kept = _KEPT.get(run.port) or _KEPT.setdefault(run.port, _KeptSocket(run.port))
+        request = (
+            f"GET /{path} HTTP/1.1\r\nHost: 127.0.0.1:{run.port}\r\nX-Api-Key: {run.token}\r\n\r\n"
+        ).encode()
+        answer = await kept.answer(request)
+        end = answer.find(b"\r\n\r\n")
+        self.set_status(int(answer[9:12]))
+        kind = _TYPE.search(answer, 0, end)
+        if kind:
+            self.set_header("Content-Type", kind.group(1).decode("latin-1"))
+        self.finish(answer[end + 4 :])
+
+
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "bench_probe"}]
 
@@ -88,4 +161,5 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     web_app = serverapp.web_app
     route = url_path_join(web_app.settings["base_url"], "_bench/probe")
-    web_app.add_handlers(".*$", [(route, ProbeHandler)])
+    minimal = url_path_join(web_app.settings["base_url"], "_bench/minproxy/(.*)")
+    web_app.add_handlers(".*$", [(route, ProbeHandler), (minimal, MinimalProxyHandler)])

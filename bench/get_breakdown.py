@@ -4,18 +4,21 @@
 Issue 17 asks that the proxy's own share of a small request stay within 10% of what Jupyter
 spends on its own cheapest authenticated handler, and where the rest goes. This script starts
 our Jupyter with ``bench/tornado_backend.py`` (as ``bench/hotpath.py`` does), then for
-``{prefix}api/config/`` (proxied), ``{prefix}small`` (proxied, not rewritten) and Jupyter's
-``/api/status``:
+``{prefix}api/config/`` (proxied), ``{prefix}small`` (proxied, not rewritten), the least any
+proxy inside Jupyter must do (``bench_probe.py``'s ``_bench/minproxy/``, a lower bound) and
+Jupyter's ``/api/status``:
 
-1. psutil CPU microseconds of the Jupyter process per request, at concurrency 1;
+1. psutil CPU microseconds of the Jupyter process per request, at concurrency 1, in blocks of
+   ``--requests`` that take turns for ``--rounds`` rounds;
 2. a cProfile of the same loop (``bench/bench_probe.py``), its cumulative time per request
    of: Jupyter's authentication, our ``prepare``, the request to the backend (aiohttp), our
    relay of the answer, tornado writing the answer, the access log. cProfile's overhead
    inflates every figure, so they are compared with each other only;
 3. the proxy's own share: Jupyter CPU per proxied request minus per ``/api/status`` request
-   (psutil), as a percentage of the latter, and how our steps split it (cProfile).
+   in the same round (psutil), as a percentage of the latter (median and range over the
+   rounds), and how our steps split it (cProfile).
 
-    python bench/get_breakdown.py [--requests 3000]
+    python bench/get_breakdown.py [--requests 500] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -63,11 +66,17 @@ async def loop(url: str, headers: dict[str, str], n: int) -> None:
                 await r.read()
 
 
-async def measure(t: setups.Target, url: str, n: int) -> dict[str, Any]:
-    await loop(url, t.headers, 200)
+async def cpu_per_request(t: setups.Target, url: str, n: int) -> float:
+    """Jupyter's CPU microseconds per request (psutil) over ``n`` requests at concurrency 1."""
+    await loop(url, t.headers, 20)
     c0 = cpu_seconds(t.jupyter)
     await loop(url, t.headers, n)
-    cpu_us = (cpu_seconds(t.jupyter) - c0) * 1e6 / n
+    return (cpu_seconds(t.jupyter) - c0) * 1e6 / n
+
+
+async def profiled(t: setups.Target, url: str, n: int) -> dict[str, float]:
+    """The cProfile steps of ``groups_of``, microseconds per request (with cProfile's cost)."""
+    await loop(url, t.headers, 200)
     probe = t.extra["jupyter_base"] + "_bench/probe"
     async with aiohttp.ClientSession() as s:
         await (await s.get(probe + "?profile=start", headers=t.headers)).read()
@@ -78,8 +87,10 @@ async def measure(t: setups.Target, url: str, n: int) -> dict[str, Any]:
     for row in stats["by_cum"]:
         file, _, name = row["function"].split(":", 2)
         cum.setdefault(f"{file}:{name}", row["cum_s"])
-    groups = {k: v * 1e6 / n for k, v in groups_of(cum).items()}
-    return {"cpu_us": cpu_us, "profiled_us": groups}
+    return {k: v * 1e6 / n for k, v in groups_of(cum).items()}
+
+
+FLOOR = "Jupyter's own /api/status"
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -87,28 +98,40 @@ async def main(args: argparse.Namespace) -> None:
     t = await setups.start_jupyter("ours", work / "ours", None, None, PROGRAM)
     try:
         await setups.wait_http(t.base + "api/config/", t.headers, 60, 0.05)
-        results = {}
-        for label, url in [
-            ("proxied api/config/ (rewritten)", t.base + "api/config/"),
-            ("proxied small JSON", t.base + "small"),
-            ("Jupyter's own /api/status", t.extra["jupyter_base"] + "api/status"),
-        ]:
-            m = results[label] = await measure(t, url, args.requests)
-            print(f"\n{label}: {m['cpu_us']:.0f} us of Jupyter CPU per request (psutil)")
+        jupyter = t.extra["jupyter_base"]
+        urls = {
+            "proxied api/config/ (rewritten)": t.base + "api/config/",
+            "proxied small JSON": t.base + "small",
+            "least possible proxy, api/config/": jupyter + "_bench/minproxy/api/config/",
+            FLOOR: jupyter + "api/status",
+        }
+        # The machine drifts over minutes: the four loops take turns in short blocks, and each
+        # own share is taken against the floor of the same round, then the median over rounds.
+        cpu: dict[str, list[float]] = {label: [] for label in urls}
+        for r in range(args.rounds):
+            order = list(urls) if r % 2 == 0 else list(urls)[::-1]
+            for label in order:
+                cpu[label].append(await cpu_per_request(t, urls[label], args.requests))
+        for label, url in urls.items():
+            steps = await profiled(t, url, args.requests)
+            print(
+                f"\n{label}: {statistics.median(cpu[label]):.0f} us of Jupyter CPU per request"
+                f" (psutil, median of {args.rounds} rounds)"
+            )
             print("  cProfile, cumulative per request (with cProfile's overhead):")
-            for name, us in m["profiled_us"].items():
+            for name, us in steps.items():
                 if us:
                     print(f"    {us:8.0f} us  {name}")
-        floor = results["Jupyter's own /api/status"]["cpu_us"]
-        for label in list(results)[:2]:
-            m = results[label]
-            own = m["cpu_us"] - floor
-            ours = {k: v for k, v in m["profiled_us"].items() if k.startswith("ours")}
+            if label == FLOOR:
+                continue
+            shares = [(c - f) / f for c, f in zip(cpu[label], cpu[FLOOR], strict=True)]
+            ours = {k: v for k, v in steps.items() if k.startswith("ours")}
             total = sum(ours.values()) or 1.0
-            split = ", ".join(f"{k[6:]} {100 * v / total:.0f}%" for k, v in ours.items())
+            split = ", ".join(f"{k[6:]} {100 * v / total:.0f}%" for k, v in ours.items() if v)
             print(
-                f"\n{label}: own share {own:.0f} us = {100 * own / floor:.0f}% of the floor "
-                f"({floor:.0f} us); by cProfile: {split}"
+                f"  own share: median {100 * statistics.median(shares):.0f}% of the floor, "
+                f"rounds {min(shares) * 100:.0f}% to {max(shares) * 100:.0f}%"
+                + (f"; by cProfile: {split}" if split else "")
             )
     finally:
         setups.stop(t)
@@ -117,5 +140,6 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--requests", type=int, default=500, help="per block and per profile")
+    p.add_argument("--rounds", type=int, default=9)
     asyncio.run(main(p.parse_args()))
