@@ -196,7 +196,7 @@ class ThreadBridge:
         send = d.dst.send
         lock = d.lock
         from_browser = d.from_browser
-        other = self._directions[1] if d is self._directions[0] else self._directions[0]
+        other = self._other(d)
         held = 0
         early = memoryview(d.early)
         messages = 0
@@ -247,6 +247,10 @@ class ThreadBridge:
                 if other.scanner.closed:  # both close frames have passed: nothing may follow
                     self._call(self._cut_when_sent)
 
+    def _other(self, d: _Direction) -> _Direction:
+        """The opposite direction: its destination is ``d``'s source."""
+        return self._directions[1] if d is self._directions[0] else self._directions[0]
+
     def _send_rest(self, d: _Direction, data: memoryview) -> None:
         """Send ``data`` once ``dst`` takes it, waiting with ``poll`` and watching ``src`` too:
         a source that is reset meanwhile ends the bridge, after ``CLOSE_FLUSH_TIMEOUT`` if
@@ -282,7 +286,7 @@ class ThreadBridge:
         # The other direction's destination is our source: give it our close frame now if
         # its stream is between frames and its thread is not sending to it right now; else
         # that thread does it itself once the frame under way is complete.
-        other = self._directions[1] if d is self._directions[0] else self._directions[0]
+        other = self._other(d)
         if other.lock.acquire(blocking=False):
             try:
                 if other.scanner.at_frame_boundary:
