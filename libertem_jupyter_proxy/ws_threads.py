@@ -31,9 +31,10 @@ The rules are those of the event-loop bridge (``ws_proxy._Bridge``), with three 
 
 Each socket is written by one thread only (the one relaying *towards* it) or, for our close
 frame, by a thread holding that direction's lock, so frames never interleave. What touches
-Jupyter's state (activity, the end of the bridge) is handed to the event loop with
-``call_soon_threadsafe``; the last thread to end closes both sockets itself, so nothing stays
-open if Jupyter's loop has already stopped.
+Jupyter's state is done on the event loop: the end of the bridge is handed to it with
+``call_soon_threadsafe``, and it reads the browser's message count once a second (activity).
+The last thread to end closes both sockets itself, so nothing stays open if Jupyter's loop
+has already stopped.
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ import asyncio
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 from .ws_frames import FrameScanner, close_frame, refusal
 from .ws_transport import CLOSE_FLUSH_TIMEOUT, MAX_READ_SIZE, Taken, new_buffer
 
-# A thread tells the event loop about browser messages (activity) at most this often, seconds:
-# each call wakes the loop, which must not happen per message.
+# How often, in seconds, the event loop looks whether the browser sent messages (activity): the
+# threads count them (``FrameScanner.messages``) and never wake the loop for them.
 ACTIVITY_INTERVAL = 1.0
 # What poll reports, asked or not, when a source was reset (POLLERR) or is shut down both ways
 # (POLLHUP). A FIN (POLLRDHUP) is not a hang-up here: a source may close normally after its
@@ -61,7 +61,17 @@ _DONTWAIT = socket.MSG_DONTWAIT
 class _Direction:
     """One direction of the bridge: what its thread reads from and writes to."""
 
-    __slots__ = ("dst", "early", "from_browser", "lock", "scanner", "sending", "src", "stopped")
+    __slots__ = (
+        "close_seen",
+        "dst",
+        "early",
+        "from_browser",
+        "lock",
+        "scanner",
+        "sending",
+        "src",
+        "stopped",
+    )
 
     def __init__(
         self,
@@ -78,6 +88,7 @@ class _Direction:
         self.scanner = scanner  # follows the frames src sends (forwarded to dst)
         self.from_browser = from_browser
         self.stopped = False  # dst has been shut down for writing
+        self.close_seen = False  # a close frame from src has been forwarded
         self.sending = False  # waiting for dst to take the rest of a chunk (_send_rest)
         # held while the scanner follows a chunk and the chunk is sent, so another thread that
         # holds it sees the scanner agree with what dst has received
@@ -114,6 +125,8 @@ class ThreadBridge:
         self._cancelled = False
         self._threads: list[threading.Thread] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._activity: asyncio.TimerHandle | None = None  # _watch_activity's next look
+        self._messages_seen = 0
         self._waits_for_sends = False  # _timer is _cut_when_sent's (it waits for the sends)
 
     def start(self, browser: Taken, backend: Taken) -> bool:
@@ -160,6 +173,7 @@ class ThreadBridge:
             sock.setblocking(True)
         self._registry.add(self)
         self._go.set()  # the threads wait for this: the sockets are blocking now
+        self._activity = self._loop.call_later(ACTIVITY_INTERVAL, self._watch_activity)
         return True
 
     def abort(self) -> None:
@@ -187,23 +201,22 @@ class ThreadBridge:
     def _relay(self, d: _Direction) -> None:
         """Forward what ``src`` sends until it ends or a refusal ends the websocket.
 
-        The loop runs once per message or piece of one, so what it looks up is bound to local
-        names first (a third of its Python time otherwise, 1 KiB messages)."""
+        The loop runs once per message or piece of one; in Jupyter's process (caches shared
+        with the backend and the browser on two cores) each Python step in it costs several
+        times what it costs alone. So what it looks up is bound to local names first, what is
+        rare (a refusal, a close frame) is checked with one condition and handled in
+        :meth:`_after_rare`, and the browser's activity is read by the event loop once a
+        second (:meth:`_watch_activity`) instead of being checked here per message."""
         buffer = new_buffer(MAX_READ_SIZE)
         scanner = d.scanner
         feed = scanner.feed
         recv_into = d.src.recv_into
         send = d.dst.send
-        lock = d.lock
-        from_browser = d.from_browser
-        other = self._other(d)
+        acquire, release = d.lock.acquire, d.lock.release  # cheaper than ``with`` here
         held = 0
         early = memoryview(d.early)
-        messages = 0
-        noted = 0.0
-        close_seen = False
         while True:
-            if len(early):
+            if early:
                 n = min(len(early), MAX_READ_SIZE - held)
                 buffer[held : held + n] = early[:n]
                 early = early[n:]
@@ -217,7 +230,8 @@ class ThreadBridge:
                     return
                 n = min(n, left)
             end = held + n
-            with lock:
+            acquire()
+            try:
                 if d.stopped:
                     return
                 ready = feed(buffer, end)
@@ -228,24 +242,29 @@ class ThreadBridge:
                         sent = 0
                     if sent != ready:  # the rest when dst takes it (rare: it reads slowly)
                         self._send_rest(d, buffer[sent:ready])
-            if scanner.error is not None:
-                self._refuse(scanner.error, d)
-                return
-            if self.refusing is not None and scanner.at_frame_boundary:
-                return  # the frame under way is complete: our close frame follows it
+            finally:
+                release()
+            if scanner.error is not None or scanner.closed or self.refusing is not None:
+                if self._after_rare(d):
+                    return
             held = end - ready
             if held:
                 buffer[:held] = bytes(buffer[ready:end])
-            if from_browser and scanner.messages != messages:
-                messages = scanner.messages
-                now = time.monotonic()
-                if now - noted >= ACTIVITY_INTERVAL:
-                    noted = now
-                    self._call(self._on_browser_message)
-            if scanner.closed and not close_seen:
-                close_seen = True
-                if other.scanner.closed:  # both close frames have passed: nothing may follow
-                    self._call(self._cut_when_sent)
+
+    def _after_rare(self, d: _Direction) -> bool:
+        """After a chunk that was refused, carried a close frame, or came during a refusal:
+        True if this direction's relaying ends here."""
+        scanner = d.scanner
+        if scanner.error is not None:
+            self._refuse(scanner.error, d)
+            return True
+        if self.refusing is not None and scanner.at_frame_boundary:
+            return True  # the frame under way is complete: our close frame follows it
+        if scanner.closed and not d.close_seen:
+            d.close_seen = True
+            if self._other(d).scanner.closed:  # both close frames have passed: nothing may follow
+                self._call(self._cut_when_sent)
+        return False
 
     def _other(self, d: _Direction) -> _Direction:
         """The opposite direction: its destination is ``d``'s source."""
@@ -371,13 +390,26 @@ class ThreadBridge:
         else:
             self._timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, self._shut_all)
 
+    def _watch_activity(self) -> None:
+        """Once a second while the bridge runs, and once when it ends: browser messages since
+        the last look are activity (``on_browser_message``)."""
+        messages = self._directions[0].scanner.messages
+        if messages != self._messages_seen:
+            self._messages_seen = messages
+            self._on_browser_message()
+        if not self.finished.done():
+            self._activity = self._loop.call_later(ACTIVITY_INTERVAL, self._watch_activity)
+
     def _finish(self) -> None:
+        if self._activity is not None:
+            self._activity.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for thread in self._threads:  # both have ended their work: only returns remain
             thread.join(CLOSE_FLUSH_TIMEOUT)
         if not self.finished.done():
             self.finished.set_result(None)
+        self._watch_activity()  # the last second's messages (finished: not looked at again)
 
     def _shut_all(self) -> None:
         with self._lock:  # never on a closed socket (its descriptor may be reused already)

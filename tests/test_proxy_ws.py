@@ -222,3 +222,22 @@ async def test_no_thread_to_spare_relays_on_the_event_loop(client, supervisor, m
     await _settled(supervisor, 1, 0)
     ws.close()
     await _settled(supervisor, 0, 0)
+
+
+async def test_browser_messages_count_as_activity(client, serverapp, monkeypatch):
+    """A GUI tab that keeps sending (and nothing else) keeps Jupyter active for the culler.
+    The threaded relay counts messages and the event loop looks once a second
+    (``ws_threads.ACTIVITY_INTERVAL``, shortened here); the event-loop relay reports them."""
+    monkeypatch.setattr("libertem_jupyter_proxy.ws_threads.ACTIVITY_INTERVAL", 0.05)
+    settings = serverapp.web_app.settings
+    ws = await client.websocket()
+    key = "libertem_proxy_last_activity"
+    before = settings.get(key)
+    await ws.write_message("still here")
+    assert await ws.read_message() == "still here"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while settings.get(key) == before and loop.time() < deadline:
+        await asyncio.sleep(0.02)  # polled: activity is a value, not an event
+    assert settings.get(key) is not None and (before is None or settings[key] > before)
+    ws.close()
