@@ -12,6 +12,9 @@ authenticated Jupyter handler that sends the request on one kept-open socket, wh
 registered with the event loop, waits for the whole answer (``Content-Length`` only) and writes
 its status, type and body back. No header is checked, filtered or rewritten, nothing is
 retried, no timeout is kept; it is a lower bound to compare with, not a proxy to use.
+
+:func:`relay_websockets_bare`, called from a benchmark Jupyter's config (``hotpath.py
+--bounds``), is the same for websockets: the threads copy bytes and follow no frames.
 """
 
 from __future__ import annotations
@@ -152,6 +155,24 @@ class MinimalProxyHandler(JupyterHandler):
         if kind:
             self.set_header("Content-Type", kind.group(1).decode("latin-1"))
         self.finish(answer[end + 4 :])
+
+
+def relay_websockets_bare() -> None:
+    """Make this Jupyter's websocket relay threads copy bytes only: no frame headers followed,
+    no lock, no activity, no close rules. The least a relay on threads inside Jupyter costs
+    per message (a lower bound for ``ws_rt``; never for use)."""
+    from libertem_jupyter_proxy import ws_threads
+
+    def _relay(self: ws_threads.ThreadBridge, d: Any) -> None:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        if d.early:
+            d.dst.sendall(d.early)
+        recv_into, sendall = d.src.recv_into, d.dst.sendall
+        while n := recv_into(buf):
+            sendall(view[:n])
+
+    ws_threads.ThreadBridge._relay = _relay  # type: ignore[method-assign]
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:

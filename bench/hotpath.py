@@ -189,9 +189,10 @@ async def _get_rate(url: str, headers: dict[str, str], duration: float) -> tuple
 
 async def get_c1(t: Target, duration: float) -> Sample:
     c0 = _cpu(t)
-    rate, n = await _get_rate(t.base + "api/config/", t.headers, duration)
+    base = str(t.extra.get("get_base", t.base))  # the bound: bench_probe's least proxy
+    rate, n = await _get_rate(base + "api/config/", t.headers, duration)
     out: Sample = {"req/s": rate, **_cpu_result(t, c0, n + 50)}
-    if "jupyter_base" in t.extra:  # Jupyter's own cheapest authenticated handler, same moment
+    if t.name == "ours":  # Jupyter's own cheapest authenticated handler, same moment
         c1 = _cpu(t)
         floor, m = await _get_rate(f"{t.extra['jupyter_base']}api/status", t.headers, duration)
         out["floor req/s"] = floor
@@ -240,9 +241,15 @@ def report(results: dict[str, dict[str, list[Sample]]]) -> list[dict[str, Any]]:
         key = MAIN[name]
         d, o = median(per["direct"], key), median(per["ours"], key)
         r = median(per["relay"], key) if "relay" in per else None
+        b = median(per["bound"], key) if "bound" in per else None
 
         row = {"workload": name, "unit": key, "direct": d, "ours": o, "ratio": _ratio(key, d, o)}
         row |= {"relay": r, "relay ratio": _ratio(key, d, r)}
+        if b is not None:
+            row |= {"bound": b, "bound ratio": _ratio(key, d, b)}
+            v = median(per["bound"], "jup_cpu_us")
+            if v is not None:
+                row["bound jup_cpu_us"] = v
         for extra in ("jup_cpu_us", "be_cpu_us", "floor req/s", "floor_cpu_us"):
             v = median(per["ours"], extra)
             if v is not None:
@@ -271,7 +278,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         extra = ", ".join(
             f"{k}={v:.4g}"
             for k, v in r.items()
-            if k.startswith(("ours ", "direct ", "relay cpu")) and v
+            if k.startswith(("ours ", "direct ", "relay cpu", "bound ")) and v
         )
         print(
             f"{r['workload']:15} {r['unit']:7} {fmt(r['direct'])} {fmt(r['ours'])} "
@@ -291,6 +298,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await setups.wait_http(ours.base + "api/config/", ours.headers, 60, 0.05)
         if not args.no_relay:
             targets.append(await setups.start_relay(targets[0], args.relay_threads))
+        if args.bounds:
+            bound = await setups.start_jupyter(
+                "ours",
+                work / "bound",
+                None,
+                None,
+                PROGRAM,
+                extra_lines=("import bench_probe; bench_probe.relay_websockets_bare()",),
+            )
+            bound.name = "bound"
+            bound.extra["get_base"] = f"{bound.extra['jupyter_base']}_bench/minproxy/"
+            await setups.wait_http(bound.base + "api/config/", bound.headers, 60, 0.05)
+            targets.append(bound)
         names = args.only or list(WORKLOADS)
         results: dict[str, dict[str, list[Sample]]] = {}
         profiles: dict[str, Any] = {}
@@ -346,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         "--relay-threads",
         action="store_true",
         help="run the relay with a blocking thread per direction instead of an event loop",
+    )
+    p.add_argument(
+        "--bounds",
+        action="store_true",
+        help="add a fourth target, 'bound': a Jupyter whose websocket threads copy bytes only "
+        "and whose small GETs go through bench_probe's least proxy (lower bounds, no rules)",
     )
     p.add_argument(
         "--profile",
