@@ -122,6 +122,8 @@ def _kind(b0: int, masked: bool, strict: bool) -> Kind:
 _KINDS = tuple(
     tuple(_kind(i & 0xFF, i >= 256, strict) for i in range(512)) for strict in (False, True)
 )
+# after a close frame, in both directions: RFC 6455 5.5.1, nothing may follow it
+_AFTER_CLOSE = ((CLOSE_PROTOCOL_ERROR, "frame after a close frame"),) * 512
 
 
 class FrameScanner:
@@ -142,7 +144,9 @@ class FrameScanner:
     direction is trusted for protocol details; the message size limit applies to both.
 
     ``messages`` counts data messages started (text or binary first frames), for activity;
-    ``closed`` says a close frame has been accepted (RFC 6455 5.5.1: nothing may follow it).
+    ``closed`` says a close frame has been accepted; any frame after it is refused (1002, RFC
+    6455 5.5.1: nothing may follow it). A continuation frame that continues nothing, which only
+    libertem-server's direction lets pass, counts as a message of its own for the size limit.
 
     ``feed`` runs once per received chunk in the websocket relays (twice per round trip of a
     small message), so what the first byte decides is looked up in a table made once
@@ -233,6 +237,7 @@ class FrameScanner:
                 if problem is not None:
                     self._payload_left = 0
                     return self._refuse(pos, problem)
+                kinds = self._kinds  # after a close frame: another table
             pos += size
             left = length
 
@@ -248,11 +253,15 @@ class FrameScanner:
                 return CLOSE_PROTOCOL_ERROR, "control frames must be short and whole"
             if what == _CLOSE:
                 self.closed = True
+                self._kinds = _AFTER_CLOSE  # any frame after it is refused
             return None
         if what == _CONTINUATION:
-            if strict and not self._in_message:
-                return CLOSE_PROTOCOL_ERROR, "continuation frame without a message"
-            size = self._message_size + length
+            if not self._in_message:  # libertem-server's stray one counts alone
+                if strict:
+                    return CLOSE_PROTOCOL_ERROR, "continuation frame without a message"
+                size = length
+            else:
+                size = self._message_size + length
         elif what == _DATA:
             if strict and self._in_message:
                 return CLOSE_PROTOCOL_ERROR, "new message before the last one ended"

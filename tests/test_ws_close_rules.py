@@ -285,3 +285,31 @@ def test_a_browser_frame_after_its_own_close_frame_adds_no_close_frame_for_the_b
     got = run_on_private_loop(run, timeout=60)
     assert got[: len(bye)] == bye
     assert got[len(bye) :] == b"", f"after the browser's close frame the backend got {got!r}"
+
+
+@pytest.mark.usefixtures("quick_cut")
+@pytest.mark.parametrize("kind", ["threads", "transports", "iostreams"])
+@pytest.mark.parametrize("closer", ["browser", "backend"])
+def test_a_valid_frame_after_a_close_frame_is_not_forwarded(kind: str, closer: str) -> None:
+    """RFC 6455 5.5.1: a side sends nothing after its close frame. A valid text frame that
+    followed one was forwarded by every relay (third red team of issue 17); now the scanner
+    refuses it, and the other side gets the close frame and then the end of the connection."""
+    from_browser = closer == "browser"
+    bye = _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=from_browser)
+    after = _frame(OP_TEXT, b"after the close frame", masked=from_browser)
+
+    async def run() -> bytes:
+        b_reader, b_writer, b_stream = await _connection()
+        l_reader, l_writer, l_stream = await _connection()
+        bridge = await _start(kind, b_stream, l_stream, lambda: None)
+        writer = b_writer if from_browser else l_writer
+        writer.write(bye + after)
+        await writer.drain()
+        got = await asyncio.wait_for((l_reader if from_browser else b_reader).read(), 10)
+        b_writer.close()
+        l_writer.close()
+        await asyncio.wait_for(bridge.finished, 20)
+        return got
+
+    got = run_on_private_loop(run, timeout=60)
+    assert got == bye, f"after the {closer}'s close frame the other side got {got[len(bye) :]!r}"

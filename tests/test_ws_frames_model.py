@@ -14,16 +14,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libertem_jupyter_proxy.ws_frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
+    OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PONG,
+    OP_TEXT,
     FrameScanner,
+    frame_header,
 )
 
 
@@ -59,7 +63,9 @@ def model(stream: bytes, *, strict: bool, limit: int) -> Outcome:
             return Outcome(pos, None, messages, closed)
         control = opcode >= 8
         error = None
-        if strict and not masked:
+        if closed:
+            error = (CLOSE_PROTOCOL_ERROR, "frame after a close frame")
+        elif strict and not masked:
             error = (CLOSE_PROTOCOL_ERROR, "client frames must be masked")
         elif strict and reserved:
             error = (CLOSE_PROTOCOL_ERROR, "reserved bits set")
@@ -76,7 +82,8 @@ def model(stream: bytes, *, strict: bool, limit: int) -> Outcome:
         elif strict and opcode > 2:
             error = (CLOSE_PROTOCOL_ERROR, "reserved opcode")
         else:
-            size = message_size + length if opcode == OP_CONTINUATION else length
+            # a stray continuation (libertem-server's side only) counts alone
+            size = message_size + length if opcode == OP_CONTINUATION and in_message else length
             if size > limit:
                 error = (CLOSE_TOO_BIG, "message too big")
             else:
@@ -162,3 +169,32 @@ def test_a_refused_close_frame_does_not_count_as_closed():
     assert scanner.feed(frame, len(frame)) == 0
     assert scanner.error == (CLOSE_PROTOCOL_ERROR, "control frames must be short and whole")
     assert not scanner.closed
+
+
+def test_a_stray_continuation_from_libertem_counts_alone():
+    """Found by the red team: the short path left the size of the last message behind, and a
+    stray continuation from libertem-server's side was measured against it (accepted over the
+    limit after a whole message, refused under it after an empty one)."""
+    after_whole = frame_header(OP_BINARY, 10) + bytes(10) + frame_header(OP_CONTINUATION, 4)
+    after_empty = (
+        frame_header(0x3, 10)
+        + bytes(10)
+        + frame_header(OP_BINARY, 0)
+        + frame_header(OP_CONTINUATION, 11)
+    )
+    for data, refused in ((after_whole + bytes(4), False), (after_empty + bytes(11), True)):
+        scanner = FrameScanner(max_message_size=10, strict=False)
+        ready = scanner.feed(data, len(data))
+        assert (scanner.error is not None) == refused
+        assert ready == (len(data) - 13 if refused else len(data))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_nothing_passes_after_a_close_frame(strict):
+    """RFC 6455 5.5.1 (found by the red team: data after a close frame was forwarded)."""
+    mask = b"\x01\x02\x03\x04" if strict else None
+    bye = frame_header(OP_CLOSE, 2, mask=mask) + b"\x03\xe8"
+    data = bye + frame_header(OP_TEXT, 5, mask=mask) + b"after"
+    scanner = FrameScanner(max_message_size=100, strict=strict)
+    assert scanner.feed(data, len(data)) == len(bye)
+    assert scanner.closed and scanner.error == (CLOSE_PROTOCOL_ERROR, "frame after a close frame")
