@@ -386,6 +386,8 @@ class _StreamBridge:
             False: FrameScanner(max_message_size=max_message_size, strict=False),
         }
         self.refusing = False
+        self._refusal: tuple[int, str] = (0, "")  # our close frame's code and reason
+        self._closed_to: set[IOStream] = set()  # the sides our close frame went to
         self._streams: tuple[IOStream, IOStream] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cut_timer: asyncio.TimerHandle | None = None
@@ -413,11 +415,20 @@ class _StreamBridge:
         held = b""
         messages = 0
         try:
-            while not self.refusing:
+            while True:
+                if self.refusing:  # the other direction refused: the rest of this frame
+                    await self._finish_frame(src, dst, scanner, from_browser)
+                    return
                 chunk = await src.read_bytes(MAX_READ_SIZE, partial=True)
                 data = held + chunk if held else chunk
+                if self.refusing:  # refused while this side waited: only what the frame lacks
+                    data = data[: scanner.payload_left]
+                    if data:
+                        scanner.feed(data, len(data))
+                        await dst.write(data)
+                    continue
                 ready = scanner.feed(data, len(data))
-                if ready and not self.refusing:
+                if ready:
                     await dst.write(data if ready == len(data) else data[:ready])
                 if scanner.error is not None:
                     await self._refuse(scanner.error, from_browser)
@@ -436,29 +447,60 @@ class _StreamBridge:
                 src.close()
 
     async def _refuse(self, error: tuple[int, str], from_browser: bool) -> None:
-        """Our own close frame to each side at a frame boundary (see ``_Bridge.refuse``)."""
+        """Our own close frame to each side at a frame boundary (see ``_Bridge.refuse``).
+
+        The side this direction writes to is between frames (the refused frame was held
+        back): it gets the close frame now. The other side may be in the middle of a frame
+        from its peer; then the other direction's pump sends it the rest of that frame first
+        (:meth:`_finish_frame`), within ``CLOSE_FLUSH_TIMEOUT``."""
         self.refusing = True
         assert self._streams is not None
         browser, backend = self._streams
-        code, reason = refusal(error, from_browser=from_browser, limit=self.max_message_size)
+        self._refusal = refusal(error, from_browser=from_browser, limit=self.max_message_size)
+        src, dst = (browser, backend) if from_browser else (backend, browser)
+        await self._send_close(dst, from_browser)
+        if self._scanners[not from_browser].at_frame_boundary:
+            await self._send_close(src, not from_browser)
+            self._close_both()
+        elif self._cut_timer is None:
+            loop = asyncio.get_running_loop()
+            self._cut_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
-        async def close_one(stream: IOStream, boundary: bool, masked: bool) -> None:
-            try:
-                if boundary and not stream.closed():
-                    frame = close_frame(code, reason, masked=masked)
-                    await asyncio.wait_for(stream.write(frame), CLOSE_FLUSH_TIMEOUT)
-            except (StreamClosedError, asyncio.TimeoutError):
-                pass
-            finally:
+    async def _finish_frame(
+        self, src: IOStream, dst: IOStream, scanner: FrameScanner, from_browser: bool
+    ) -> None:
+        """After the other direction refused: relay the rest of the frame under way, then our
+        close frame, then end both connections."""
+        try:
+            while left := scanner.payload_left:
+                data = await src.read_bytes(min(left, MAX_READ_SIZE), partial=True)
+                scanner.feed(data, len(data))
+                await dst.write(data)
+            await self._send_close(dst, from_browser)
+        finally:
+            self._close_both()
+
+    async def _send_close(self, stream: IOStream, masked: bool) -> None:
+        """Our close frame to ``stream`` (masked towards the backend), once, unless a close
+        frame already went to it (RFC 6455 5.5.1); then, on a plain socket, FIN after it: the
+        peer reads the frame and the end, and the other direction may still read from it."""
+        if stream in self._closed_to:
+            return
+        self._closed_to.add(stream)
+        scanner = self._scanners[masked]  # the direction that writes to this stream
+        try:
+            if not scanner.closed and not stream.closed():
+                frame = close_frame(*self._refusal, masked=masked)
+                await asyncio.wait_for(stream.write(frame), CLOSE_FLUSH_TIMEOUT)
+            if not isinstance(stream, SSLIOStream) and stream.socket is not None:
+                stream.socket.shutdown(socket.SHUT_WR)  # TLS has no half-close here
+        except (StreamClosedError, asyncio.TimeoutError, OSError):
+            stream.close()
+
+    def _close_both(self) -> None:
+        if self._streams is not None:
+            for stream in self._streams:
                 stream.close()
-
-        # a side gets our frame only if what it received so far ends with a whole frame and
-        # it was not sent a close frame already (RFC 6455 5.5.1)
-        to_browser, to_backend = self._scanners[False], self._scanners[True]
-        await asyncio.gather(
-            close_one(browser, to_browser.at_frame_boundary and not to_browser.closed, False),
-            close_one(backend, to_backend.at_frame_boundary and not to_backend.closed, True),
-        )
 
     def _close_later(self) -> None:
         """Both close frames have passed: if the peers have not closed after the time limit,
@@ -477,9 +519,7 @@ class _StreamBridge:
     def abort(self) -> None:
         if self._cut_timer is not None:
             self._cut_timer.cancel()
-        if self._streams is not None:
-            for stream in self._streams:
-                stream.close()
+        self._close_both()
         for task in self._tasks:
             task.cancel()
 

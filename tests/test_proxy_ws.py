@@ -12,6 +12,7 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClosedError
 
+from libertem_jupyter_proxy.base import ProxyHandlerBase
 from libertem_jupyter_proxy.supervisor import State
 
 # every websocket test runs with both relays (threads, event loop): conftest
@@ -229,15 +230,21 @@ async def test_browser_messages_count_as_activity(client, serverapp, monkeypatch
     The threaded relay counts messages and the event loop looks once a second
     (``ws_threads.ACTIVITY_INTERVAL``, shortened here); the event-loop relay reports them."""
     monkeypatch.setattr("libertem_jupyter_proxy.ws_threads.ACTIVITY_INTERVAL", 0.05)
+    recorded = asyncio.Event()
+    record = ProxyHandlerBase.record_activity
+
+    def record_and_tell(self: ProxyHandlerBase) -> None:
+        record(self)
+        recorded.set()
+
+    monkeypatch.setattr(ProxyHandlerBase, "record_activity", record_and_tell)
     settings = serverapp.web_app.settings
     ws = await client.websocket()
-    key = "libertem_proxy_last_activity"
-    before = settings.get(key)
+    recorded.clear()
+    before = settings.get("libertem_proxy_last_activity")
     await ws.write_message("still here")
     assert await ws.read_message() == "still here"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while settings.get(key) == before and loop.time() < deadline:
-        await asyncio.sleep(0.02)  # polled: activity is a value, not an event
-    assert settings.get(key) is not None and (before is None or settings[key] > before)
+    await asyncio.wait_for(recorded.wait(), 5)
+    after = settings["libertem_proxy_last_activity"]
+    assert before is None or after > before
     ws.close()
