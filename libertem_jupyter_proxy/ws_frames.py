@@ -218,7 +218,6 @@ class FrameScanner:
                 else:
                     length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                     if length >> 63:
-                        self._payload_left = 0
                         return self._refuse(
                             pos, (CLOSE_PROTOCOL_ERROR, "frame length out of range")
                         )
@@ -229,13 +228,11 @@ class FrameScanner:
             kind = kinds[buf[pos] | (b1 & 0x80) << 1]
             if kind == _WHOLE_MESSAGE and not self._in_message:
                 if length > self.max_message_size:
-                    self._payload_left = 0
                     return self._refuse(pos, (CLOSE_TOO_BIG, "message too big"))
                 self.messages += 1
             else:
                 problem = self._check(kind, length)
                 if problem is not None:
-                    self._payload_left = 0
                     return self._refuse(pos, problem)
                 kinds = self._kinds  # after a close frame: another table
             pos += size
@@ -277,5 +274,7 @@ class FrameScanner:
         return None
 
     def _refuse(self, pos: int, problem: tuple[int, str]) -> int:
+        """Refuse the frame whose header starts at ``pos``: nothing from there on passes."""
         self.error = problem
+        self._payload_left = 0
         return pos

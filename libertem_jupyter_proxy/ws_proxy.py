@@ -421,12 +421,9 @@ class _StreamBridge:
                     return
                 chunk = await src.read_bytes(MAX_READ_SIZE, partial=True)
                 data = held + chunk if held else chunk
-                if self.refusing:  # refused while this side waited: only what the frame lacks
-                    data = data[: scanner.payload_left]
-                    if data:
-                        scanner.feed(data, len(data))
-                        await dst.write(data)
-                    continue
+                if self.refusing:  # refused while this side waited
+                    await self._finish_frame(src, dst, scanner, from_browser, data)
+                    return
                 ready = scanner.feed(data, len(data))
                 if ready:
                     await dst.write(data if ready == len(data) else data[:ready])
@@ -467,15 +464,26 @@ class _StreamBridge:
             self._cut_timer = loop.call_later(CLOSE_FLUSH_TIMEOUT, self.abort)
 
     async def _finish_frame(
-        self, src: IOStream, dst: IOStream, scanner: FrameScanner, from_browser: bool
+        self,
+        src: IOStream,
+        dst: IOStream,
+        scanner: FrameScanner,
+        from_browser: bool,
+        data: bytes = b"",
     ) -> None:
-        """After the other direction refused: relay the rest of the frame under way, then our
-        close frame, then end both connections."""
+        """After the other direction refused: relay the rest of the frame under way (starting
+        with ``data``, already read from ``src``; what lies beyond the frame is dropped), then
+        our close frame, then end both connections."""
         try:
-            while left := scanner.payload_left:
+            while True:
+                data = data[: scanner.payload_left]
+                if data:
+                    scanner.feed(data, len(data))
+                    await dst.write(data)
+                left = scanner.payload_left
+                if not left:
+                    break
                 data = await src.read_bytes(min(left, MAX_READ_SIZE), partial=True)
-                scanner.feed(data, len(data))
-                await dst.write(data)
             await self._send_close(dst, from_browser)
         finally:
             self._close_both()

@@ -103,6 +103,43 @@ async def _read_slowly(
     return bytes(got)
 
 
+def _last_results(fill: bytes) -> bytes:
+    """libertem-server's last 3 MiB of results (12 frames of 250 KiB) and its close frame."""
+    frame = _frame(OP_BINARY, fill * (250 << 10), masked=False)
+    return frame * 12 + _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=False)
+
+
+def _to_a_slow_browser(kind: str, sent: bytes, *, browser_closes_first: bool) -> bytes:
+    """What a browser on a slow link (about 1.6 MB/s: 2 s for ``sent``, longer than the
+    relay's shortened limit) receives when libertem-server sends ``sent``: either the backend
+    then closes its connection (FIN after its close frame, as a server closes first, RFC 6455
+    7.1.1), or the browser first sent its own close frame and the backend keeps its connection
+    open for the browser to close."""
+
+    async def run() -> bytes:
+        b_reader, b_writer, b_stream = await _small_connection(32 << 10)
+        l_reader, l_writer, l_stream = await _connection()
+        bridge = await _start(kind, b_stream, l_stream, lambda: None)
+        if browser_closes_first:
+            bye = _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=True)
+            b_writer.write(bye)
+            await b_writer.drain()
+            assert await asyncio.wait_for(l_reader.readexactly(len(bye)), 10) == bye
+            l_writer.write(sent)
+            got = await _read_slowly(b_reader, len(sent))
+        else:
+            l_writer.write(sent)
+            await l_writer.drain()
+            l_writer.close()
+            got = await _read_slowly(b_reader)
+        b_writer.close()
+        l_writer.close()
+        await asyncio.wait_for(bridge.finished, 20)
+        return got
+
+    return run_on_private_loop(run, timeout=90)
+
+
 @pytest.mark.usefixtures("quick_cut")
 @pytest.mark.parametrize("kind", ["threads", "transports"])
 def test_a_backend_that_closes_after_its_last_message_does_not_cut_a_slow_browser(
@@ -113,23 +150,8 @@ def test_a_backend_that_closes_after_its_last_message_does_not_cut_a_slow_browse
     relay may not cut a destination that is still taking data (the 5 s limit is for peers that
     neither read nor close). Threads: the sender waiting in ``_send_rest`` sees POLLRDHUP on the
     backend, starts the timer, and both connections are cut while the browser is still reading."""
-    frame = _frame(OP_BINARY, b"D" * (250 << 10), masked=False)
-    sent = frame * 12 + _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=False)
-
-    async def run() -> bytes:
-        b_reader, b_writer, b_stream = await _small_connection(32 << 10)
-        _l_reader, l_writer, l_stream = await _connection()
-        bridge = await _start(kind, b_stream, l_stream, lambda: None)
-        l_writer.write(sent)
-        await l_writer.drain()
-        l_writer.close()  # FIN after the close frame, as a server closes first (RFC 6455 7.1.1)
-        # about 1.6 MB/s: 2 s for all, longer than the relay's (shortened) limit
-        got = await _read_slowly(b_reader)
-        b_writer.close()
-        await asyncio.wait_for(bridge.finished, 20)
-        return got
-
-    got = run_on_private_loop(run, timeout=90)
+    sent = _last_results(b"D")
+    got = _to_a_slow_browser(kind, sent, browser_closes_first=False)
     assert len(got) == len(sent), f"the browser got {len(got)} of {len(sent)} bytes"
     assert got == sent
     assert not _relay_threads()
@@ -147,25 +169,8 @@ def test_the_backends_last_messages_after_the_browsers_close_frame_reach_a_slow_
     that neither read nor close). The event-loop relay's ``close_later`` aborts both transports
     CLOSE_FLUSH_TIMEOUT after the second close frame was *queued*, with the backend's last
     messages still in the browser transport's write buffer."""
-    frame = _frame(OP_BINARY, b"E" * (250 << 10), masked=False)
-    sent = frame * 12 + _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=False)
-
-    async def run() -> bytes:
-        b_reader, b_writer, b_stream = await _small_connection(32 << 10)
-        l_reader, l_writer, l_stream = await _connection()
-        bridge = await _start(kind, b_stream, l_stream, lambda: None)
-        bye = _frame(OP_CLOSE, (1000).to_bytes(2, "big"), masked=True)
-        b_writer.write(bye)
-        await b_writer.drain()
-        assert await asyncio.wait_for(l_reader.readexactly(len(bye)), 10) == bye
-        l_writer.write(sent)
-        got = await _read_slowly(b_reader, len(sent))
-        b_writer.close()
-        l_writer.close()
-        await asyncio.wait_for(bridge.finished, 20)
-        return got
-
-    got = run_on_private_loop(run, timeout=90)
+    sent = _last_results(b"E")
+    got = _to_a_slow_browser(kind, sent, browser_closes_first=True)
     assert len(got) == len(sent), f"the browser got {len(got)} of {len(sent)} bytes"
     assert got == sent
     assert not _relay_threads()
